@@ -1,0 +1,79 @@
+"""The experiment's knobs, bound by Gin.
+
+Each dataclass is one concern; a Gin file sets its fields by the short names
+used below (``dataset.name = 'cifar100'``, ``model.name = 'resnet32'``,
+``mimicking.alpha = 1.0``, ``train.epochs = 164``). Optimizer, strategy and
+precision knobs live with their builders in `official/` (``build_sgd.*``,
+``get_strategy.*``, ``set_precision_policy.*``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import gin
+
+
+@gin.configurable("dataset")
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """Which TFDS dataset, where, and which splits.
+
+    ``data_dir`` may also come from ``--data_dir`` (the flag wins); None lets
+    TFDS use TFDS_DATA_DIR or its default folder.
+    """
+
+    name: str = "cifar100"
+    data_dir: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: Optional[Sequence[int]] = None
+    padding: int = 4
+    cache: bool = True
+    # Per-channel RGB statistics in [0, 1] units; None = the built-in table
+    # of `dhm_keras.data.stats` (an unknown dataset then needs them set here).
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+
+@gin.configurable("model")
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture name (see `dhm_keras.models.available_models`) and training mode."""
+
+    name: str = "resnet32"
+    mode: str = "dhm"
+    overrides: Optional[dict] = None
+
+
+@gin.configurable("mimicking")
+@dataclasses.dataclass(frozen=True)
+class MimickingConfig:
+    """The mimicking term: weight alpha, temperature T, reference smoothing
+    epsilon (0 = exact KL) and the Bernoulli participation probability of
+    Appendix D (None = every branch in every epoch)."""
+
+    alpha: float = 1.0
+    temperature: float = 1.0
+    epsilon: float = 0.0
+    bernoulli_p: Optional[float] = None
+
+
+@gin.configurable("train")
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop-level settings. ``batch_size`` is global (split across replicas).
+
+    ``jit_compile``: True, False or "auto" (XLA on a single GPU, off on CPU
+    where it measured slower, and off under multi-replica strategies where
+    Keras cannot compile the replicated step).
+    """
+
+    epochs: int = 164
+    batch_size: int = 128
+    seed: int = 0
+    jit_compile: object = "auto"
+    deterministic: bool = False
+    eval_every_epoch: bool = True
+    verbose: int = 1

@@ -1,0 +1,334 @@
+"""TFDS image-classification input pipeline (CIFAR recipe, any TFDS dataset).
+
+What it builds, in order:
+
+    TFDS records -> decode (TFDS) -> (uint8 image, int32 label) -> [take]
+    -> [resize] -> [cache decoded uint8 in memory]
+    -> training only: shuffle (seeded, reshuffled every epoch)
+                      -> zip with a per-element random key
+                      -> pad `padding` zero pixels, random crop back, random flip
+    -> batch by the GLOBAL batch size -> normalise per channel -> prefetch
+
+Design choices, and why:
+
+* Augmentation tool: plain `tf.image` STATELESS ops (`stateless_random_crop`,
+  `stateless_random_flip_left_right`), keyed by a per-element seed drawn from
+  `tf.data.Dataset.random(seed, rerandomize_each_iteration=True)`.
+  - Deterministic: a stateless op is a pure function of (image, key), so the
+    output does not depend on how the parallel `map` schedules its threads;
+    the keys come from a seeded stream that tf.data re-seeds on every new
+    iteration (epoch), so a given seed gives identical batches run to run
+    while every epoch still sees new crops and flips.
+  - Correct: the recipe (reference: torchvision `RandomCrop(32, padding=4)`
+    on the uint8 image) pads with BLACK pixels before normalisation. Keras'
+    `RandomCrop` has no padding mode (it resizes when the input is smaller),
+    and applied to a batch it draws ONE crop offset for the whole batch;
+    keras-cv 0.9.0 is the final, unmaintained release. Both draw from a
+    stateful `SeedGenerator`, whose state is shared by the threads of a
+    parallel map, so they are not reproducible under `num_parallel_calls`.
+  - Fast: two small ops per 32x32 uint8 image; normalisation runs once per
+    batch as a single vectorised op on [B, H, W, 3].
+* Caching happens on decoded uint8 images BEFORE augmentation: JPEG decoding
+  is paid once (CIFAR-10 train is ~150 MB decoded), augmentation stays fresh.
+  Turn `cache` off for datasets that do not fit in memory.
+* The shuffle buffer defaults to the whole split for small datasets (a true
+  uniform permutation each epoch, like a PyTorch sampler); larger ones use a
+  bounded buffer (see `_default_shuffle_buffer`).
+* Batches are GLOBAL: `tf.distribute` splits each one across replicas.
+  Training drops the remainder so that every step has the same shape (no
+  retracing, equal per-replica batches); evaluation keeps every example.
+* Never downloads: the builder is only asked to read (`as_dataset`, what
+  `tfds.load(..., download=False)` does), and a missing dataset is a clear
+  `DatasetNotFoundError` naming the dataset and the directory searched.
+* Determinism also needs the same global TF seed (`keras.utils.
+  set_random_seed`), because tf.data combines it with the op seeds. The
+  per-epoch re-randomisation counts iterations of this dataset object, so a
+  process restarted mid-training starts again from "epoch 0" streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dhm_keras.data import stats as stats_lib
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# A split whose decoded images take at most this many bytes is shuffled with
+# a buffer holding all of it; larger splits get `_LARGE_SHUFFLE_BUFFER`.
+_FULL_SHUFFLE_MAX_BYTES = 1 << 30
+_LARGE_SHUFFLE_BUFFER = 10_000
+
+ImageSize = Union[int, Sequence[int]]
+
+
+class DatasetNotFoundError(ValueError):
+    """The requested TFDS dataset is not prepared in the data directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a trainer needs to know about a dataset before reading it.
+
+    `image_shape` is `(H, W, C)` with `None` for sizes that vary per image.
+    `splits` maps each prepared split name to its number of examples (empty
+    under `tfds.testing.mock_data` with `MockPolicy.USE_CODE`).
+    """
+
+    name: str
+    num_classes: int
+    image_shape: Tuple[Optional[int], ...]
+    splits: Mapping[str, int]
+    data_dir: str
+    _split_dict: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def num_examples(self, split: str) -> int:
+        """Size of `split`, slicing syntax included ("train[:5000]")."""
+        try:
+            return int(self._split_dict[split].num_examples)  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"Cannot size split {split!r} of {self.name}; known splits: "
+                f"{dict(self.splits)}"
+            ) from e
+
+
+def _resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
+    # TFDS reads TFDS_DATA_DIR once, at import time; resolving it here means
+    # that setting the variable later (tests, launch scripts) still works.
+    if data_dir:
+        return os.fspath(data_dir)
+    return os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _searched_dirs(data_dir: Optional[str]) -> str:
+    if data_dir:
+        return data_dir
+    return f"{tfds.core.constants.DATA_DIR} (TFDS default; TFDS_DATA_DIR unset)"
+
+
+def _not_found(name: str, data_dir: Optional[str], why: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in data_dir "
+        f"{_searched_dirs(data_dir)!s} ({why}). This pipeline never downloads: "
+        "point --data_dir (or the TFDS_DATA_DIR environment variable) at a "
+        f"directory holding a prepared copy, i.e. <data_dir>/{name.split(':')[0]}"
+        "/<version>/dataset_info.json plus its record files."
+    )
+
+
+def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+    """A builder for an already prepared dataset, or DatasetNotFoundError."""
+    data_dir = _resolve_data_dir(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        # Neither a registered builder nor prepared files under data_dir.
+        raise _not_found(name, data_dir, "no such builder or files") from e
+    if not builder.is_prepared():
+        # Registered datasets (cifar100, ...) get a builder from code even
+        # when nothing is on disk. Ask `as_dataset` itself: it fails on a
+        # missing dataset, and `tfds.testing.mock_data` makes it succeed.
+        splits = list(builder.info.splits) or ["train"]
+        try:
+            builder.as_dataset(split=splits[0])
+        except Exception as e:  # AssertionError, split errors, I/O errors
+            raise _not_found(name, data_dir, "no prepared files") from e
+    return builder
+
+
+def _check_features(builder: tfds.core.DatasetBuilder) -> Tuple[tuple, int]:
+    features = builder.info.features
+    keys = set(features.keys()) if hasattr(features, "keys") else set()
+    if not {"image", "label"} <= keys:
+        raise ValueError(
+            f"{builder.name} must have 'image' and 'label' features; has {sorted(keys)}"
+        )
+    image, label = features["image"], features["label"]
+    if not isinstance(image, tfds.features.Image):
+        raise ValueError(f"{builder.name}: 'image' is a {type(image).__name__}")
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise ValueError(f"{builder.name}: 'label' is a {type(label).__name__}")
+    shape = tuple(image.shape)
+    if shape[-1] not in (1, 3):
+        raise ValueError(f"{builder.name}: {shape[-1]}-channel images unsupported")
+    return shape, int(label.num_classes)
+
+
+def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
+    """Reads class count, image shape and split sizes from TFDS metadata.
+
+    Reads only `dataset_info.json`/`features.json` (nothing is decoded or
+    downloaded). Raises `DatasetNotFoundError` if the dataset is missing.
+    Grayscale datasets report 3 channels, as the pipeline delivers them.
+    """
+    builder = _builder(name, data_dir)
+    shape, num_classes = _check_features(builder)
+    split_dict = builder.info.splits
+    return DatasetInfo(
+        name=name,
+        num_classes=num_classes,
+        image_shape=tuple(shape[:-1]) + (3,),
+        splits={k: int(v.num_examples) for k, v in split_dict.items()},
+        data_dir=os.fspath(builder.data_dir),
+        _split_dict=split_dict,
+    )
+
+
+def _image_hw(image_size: Optional[ImageSize]) -> Optional[Tuple[int, int]]:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = (int(v) for v in image_size)
+    return (h, w)
+
+
+def _resize_uint8(image: tf.Tensor, hw: Tuple[int, int]) -> tf.Tensor:
+    # Antialiased bilinear resize, rounded back to uint8 so that the cache
+    # stays 4x smaller than float32 and augmentation pads real pixel values.
+    resized = tf.image.resize(image, hw, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def _pad_crop_flip(image: tf.Tensor, key: tf.Tensor, padding: int) -> tf.Tensor:
+    """Zero-pad by `padding`, crop back to the original size, maybe flip.
+
+    `key` is a scalar int64; (key, 1) and (key, 2) are independent Philox
+    keys for the crop offset and the flip coin.
+    """
+    static_shape = image.shape
+    shape = tf.shape(image)
+    seed_crop = tf.stack([key, tf.constant(1, tf.int64)])
+    seed_flip = tf.stack([key, tf.constant(2, tf.int64)])
+    if padding > 0:
+        padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+        image = tf.image.stateless_random_crop(padded, size=shape, seed=seed_crop)
+    image = tf.image.stateless_random_flip_left_right(image, seed=seed_flip)
+    image.set_shape(static_shape)  # keep H, W static for the model's trace
+    return image
+
+
+def _default_shuffle_buffer(num_examples: int, image_shape: tuple) -> int:
+    if num_examples <= 0:  # unknown cardinality
+        return _LARGE_SHUFFLE_BUFFER
+    pixels = 1
+    for d in image_shape:
+        pixels *= d if d else 500 * 500  # unknown size: assume ImageNet-like
+    if num_examples * pixels <= _FULL_SHUFFLE_MAX_BYTES:
+        return num_examples
+    return min(num_examples, _LARGE_SHUFFLE_BUFFER)
+
+
+def make_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: Optional[str] = None,
+    global_batch_size: int,
+    training: bool,
+    seed: Optional[int] = None,
+    image_size: Optional[ImageSize] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    take: Optional[int] = None,
+    cache: bool = True,
+    shuffle_buffer: Optional[int] = None,
+    drop_remainder: Optional[bool] = None,
+    padding: int = 4,
+) -> tf.data.Dataset:
+    """Batched `(images float32 [B, H, W, 3] normalised, labels int32 [B])`.
+
+    Args:
+      name: TFDS name (optionally "name:version") with `image`/`label` features.
+      split: TFDS split spec, slicing included ("train[:5000]", "test").
+      data_dir: prepared TFDS directory; default TFDS_DATA_DIR, then TFDS's.
+      global_batch_size: examples per step across all replicas.
+      training: shuffle + pad/crop/flip augmentation + drop remainder.
+      seed: makes order and augmentation reproducible (also sets
+        `deterministic=True`); None draws fresh randomness.
+      image_size: int or (H, W) to resize to; default keeps native size
+        (required for datasets with variable image sizes).
+      mean, std: RGB in [0, 1] units; default `stats.channel_stats(name)`.
+      take: keep only the first `take` examples of the split.
+      cache: keep decoded uint8 images in memory after the first epoch.
+      shuffle_buffer: default the whole split if it is small (<= 1 GiB).
+      drop_remainder: default `training`.
+      padding: zero pixels added on each side before the random crop.
+
+    Raises:
+      DatasetNotFoundError: the dataset is not prepared under data_dir.
+      ValueError: unsupported features or missing statistics.
+    """
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    mean, std = stats_lib.channel_stats(name, mean, std)
+    builder = _builder(name, data_dir)
+    shape, _ = _check_features(builder)
+    hw = _image_hw(image_size)
+    if hw is None and (shape[0] is None or shape[1] is None):
+        raise ValueError(
+            f"{name} has images of varying size {shape}; pass image_size=..."
+        )
+    if drop_remainder is None:
+        drop_remainder = training
+
+    read_config = tfds.ReadConfig(
+        try_autocache=False,  # we cache ourselves, after decoding
+        shuffle_seed=seed,
+    )
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=training and not cache,  # cache freezes the file order
+        read_config=read_config,
+    )
+
+    grayscale = shape[-1] == 1
+
+    def to_pair(example):
+        image = example["image"]
+        if grayscale:
+            image = tf.image.grayscale_to_rgb(image)
+        return image, tf.cast(example["label"], tf.int32)
+
+    ds = ds.map(to_pair, num_parallel_calls=AUTOTUNE)
+    if take is not None:
+        ds = ds.take(take)
+    if hw is not None:
+        ds = ds.map(lambda x, y: (_resize_uint8(x, hw), y), num_parallel_calls=AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+
+    if training:
+        image_shape = (hw or tuple(shape[:2])) + (3,)
+        buffer = shuffle_buffer or _default_shuffle_buffer(
+            int(ds.cardinality()), image_shape
+        )
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, keys))
+        ds = ds.map(
+            lambda xy, key: (_pad_crop_flip(xy[0], key, padding), xy[1]),
+            num_parallel_calls=AUTOTUNE,
+        )
+
+    ds = ds.batch(
+        global_batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE
+    )
+    ds = ds.map(
+        lambda x, y: (stats_lib.normalize(x, mean, std), y),
+        num_parallel_calls=AUTOTUNE,
+    )
+
+    options = tf.data.Options()
+    if seed is not None:
+        options.deterministic = True
+    ds = ds.with_options(options)
+    return ds.prefetch(AUTOTUNE)

@@ -1,0 +1,172 @@
+"""DHM losses as pure functions of head logits.
+
+Nothing here knows about models or data: every function takes logits (a dict
+keyed by head name, ``b0`` the main branch) and returns per-example or scalar
+float32 tensors. The training step is the only place that combines these with a
+model, a strategy and an optimizer.
+
+The mimicking term (method.md):
+
+    M(h <- g) = T^2 * mean_batch KL(stopgrad(p_g^T) || p_h^T),   p^T = softmax(z / T)
+
+summed over all ordered pairs h != g of *active* heads and weighted by alpha.
+It is computed in float32 log space (exact KL). ``epsilon > 0`` reproduces the
+reference implementation's smoothing p <- (p + eps) / (1 + C * eps).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import tensorflow as tf
+
+MODES = ("baseline", "dsl", "dhm")
+
+# `active` may name the heads taking part, or weight them (1.0 = in, 0.0 = out).
+# Weights let the Bernoulli mask live in a variable and change per epoch
+# without retracing the training function.
+Active = Optional[Union[Sequence[str], Mapping[str, Union[float, tf.Tensor]]]]
+
+
+def ordered_heads(logits: Mapping[str, tf.Tensor]) -> list[str]:
+    """Head names with the main branch first, then b1, b2, ... (numeric order)."""
+
+    def key(name: str):
+        digits = name.lstrip("b")
+        return (0, int(digits)) if digits.isdigit() else (1, name)
+
+    return sorted(logits, key=key)
+
+
+def pair_name(teacher: str, student: str) -> str:
+    """Name of the term in which ``student`` mimics ``teacher`` (teacher->student)."""
+    return f"{teacher}->{student}"
+
+
+def cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per-example sparse softmax cross-entropy in float32."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+    )
+
+
+def _log_probs(logits: tf.Tensor, temperature: float, epsilon: float) -> tf.Tensor:
+    scaled = tf.cast(logits, tf.float32) / temperature
+    if not epsilon:
+        return tf.nn.log_softmax(scaled, axis=-1)
+    num_classes = tf.cast(tf.shape(scaled)[-1], tf.float32)
+    probs = tf.nn.softmax(scaled, axis=-1)
+    return tf.math.log((probs + epsilon) / (1.0 + num_classes * epsilon))
+
+
+def kl_per_example(
+    teacher_logits: tf.Tensor,
+    student_logits: tf.Tensor,
+    temperature: float = 1.0,
+    epsilon: float = 0.0,
+) -> tf.Tensor:
+    """T^2 * KL(stopgrad(p_teacher^T) || p_student^T) per example, float32.
+
+    The teacher is wrapped in ``stop_gradient``: a head receives gradient only
+    in its student role, as in the reference implementation.
+    """
+    teacher_log_p = tf.stop_gradient(_log_probs(teacher_logits, temperature, epsilon))
+    student_log_p = _log_probs(student_logits, temperature, epsilon)
+    kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+    return (temperature**2) * kl
+
+
+def _head_weights(heads: Sequence[str], active: Active) -> dict[str, tf.Tensor]:
+    if active is None:
+        return {h: tf.constant(1.0) for h in heads}
+    if isinstance(active, Mapping):
+        unknown = set(active) - set(heads)
+        if unknown:
+            raise ValueError(f"`active` names unknown heads {sorted(unknown)}; heads are {list(heads)}")
+        return {h: tf.cast(active.get(h, 1.0), tf.float32) for h in heads}
+    active = list(active)
+    unknown = set(active) - set(heads)
+    if unknown:
+        raise ValueError(f"`active` names unknown heads {sorted(unknown)}; heads are {list(heads)}")
+    return {h: tf.constant(1.0 if h in active else 0.0) for h in heads}
+
+
+def pairwise_mimicking(
+    logits: Mapping[str, tf.Tensor],
+    temperature: float = 1.0,
+    active: Active = None,
+    epsilon: float = 0.0,
+) -> dict[str, tf.Tensor]:
+    """Batch-mean mimicking term of every ordered pair, keyed ``teacher->student``.
+
+    Inactive heads (weight 0) contribute exactly zero to every pair they are in.
+    The values are not multiplied by alpha.
+    """
+    heads = ordered_heads(logits)
+    weights = _head_weights(heads, active)
+    terms = {}
+    for student in heads:
+        for teacher in heads:
+            if teacher == student:
+                continue
+            kl = kl_per_example(logits[teacher], logits[student], temperature, epsilon)
+            terms[pair_name(teacher, student)] = (
+                weights[teacher] * weights[student] * tf.reduce_mean(kl)
+            )
+    return terms
+
+
+def mimicking_loss(
+    logits: Mapping[str, tf.Tensor],
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    active: Active = None,
+    epsilon: float = 0.0,
+    return_pairs: bool = False,
+):
+    """alpha * sum over ordered pairs of active heads of M(student <- teacher).
+
+    Args:
+      logits: dict head name -> [batch, classes] logits (any number of heads).
+      temperature: softmax temperature T; the term is multiplied by T^2.
+      alpha: weight of the whole mimicking term.
+      active: heads taking part (names, or a name -> 0/1 weight mapping); None = all.
+      epsilon: reference-style probability smoothing; 0 gives the exact KL.
+      return_pairs: also return the per-pair dict (unweighted by alpha).
+
+    Returns:
+      The scalar float32 term, or ``(term, pairs)`` when ``return_pairs``.
+    """
+    pairs = pairwise_mimicking(logits, temperature, active, epsilon)
+    total = alpha * tf.add_n(list(pairs.values())) if pairs else tf.constant(0.0)
+    return (total, pairs) if return_pairs else total
+
+
+def dhm_loss(
+    labels: tf.Tensor,
+    logits: Mapping[str, tf.Tensor],
+    mode: str = "dhm",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    active: Active = None,
+    epsilon: float = 0.0,
+):
+    """The training objective of one mode, as (total, per-head CE, per-pair mimic).
+
+    baseline: CE of b0 only (other heads, if present, are ignored);
+    dsl:      sum of every head's CE;
+    dhm:      dsl + alpha * mimicking term.
+    All values are batch means in float32, not scaled for distribution.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; expected one of {MODES}")
+    heads = ordered_heads(logits) if mode != "baseline" else ["b0"]
+    ce = {h: tf.reduce_mean(cross_entropy(labels, logits[h])) for h in heads}
+    total = tf.add_n(list(ce.values()))
+    pairs = {}
+    if mode == "dhm":
+        mimic, pairs = mimicking_loss(
+            {h: logits[h] for h in heads}, temperature, alpha, active, epsilon, return_pairs=True
+        )
+        total = total + mimic
+    return total, ce, pairs

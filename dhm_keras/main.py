@@ -1,0 +1,72 @@
+"""Command-line entry point: ``python -m dhm_keras.main --gin_file=... --model_dir=...``.
+
+Flags choose what to run and where; Gin files (``gin/``) choose the
+experiment. Errors a user can fix (a misspelled Gin binding, a missing
+dataset, a model_dir of another run) are reported as one line with a non-zero
+exit code; ``--debug`` shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from official.common import flags as common_flags
+
+common_flags.define_flags()
+FLAGS = flags.FLAGS
+
+# Gin files include each other by paths relative to the repository root.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_gin(gin_files, gin_params) -> None:
+    """Registers every configurable, then parses files and bindings.
+
+    Importing the modules first is what lets Gin reject an unknown or
+    misspelled binding at parse time instead of silently ignoring it.
+    """
+    import gin
+
+    from dhm_keras import train_lib  # noqa: F401  (registers the configurables)
+
+    gin.add_config_file_search_path(REPO_ROOT)
+    for path in gin_files:
+        if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_ROOT, path)):
+            raise FileNotFoundError(f"Gin file not found: {path}")
+    gin.parse_config_files_and_bindings(gin_files, gin_params)
+
+
+def run(argv) -> dict:
+    del argv
+    if not FLAGS.model_dir:
+        raise ValueError("--model_dir is required")
+    parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+    from dhm_keras import train_lib
+
+    if FLAGS.mode in ("train_and_eval", "train"):
+        return train_lib.train(FLAGS.model_dir, FLAGS.data_dir, evaluate=FLAGS.mode == "train_and_eval")
+    if FLAGS.mode == "eval":
+        return train_lib.evaluate(FLAGS.model_dir, FLAGS.data_dir, FLAGS.checkpoint)
+    return train_lib.export(FLAGS.model_dir, FLAGS.data_dir, FLAGS.checkpoint)
+
+
+def main(argv) -> None:
+    try:
+        result = run(argv)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        if FLAGS.debug:
+            raise
+        message = str(error).strip().splitlines()
+        print(f"error: {type(error).__name__}: {' '.join(message)}", file=sys.stderr)
+        sys.exit(2)
+    summary = {k: result[k] for k in ("best", "last", "export", "metrics") if k in result}
+    logging.info("done: %s", json.dumps(summary))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,215 @@
+"""The DHM training model: any multi-head functional network plus the DHM objective.
+
+`DHMModel` wraps a functional Keras model whose outputs are a dict of logits
+keyed ``b0`` (main branch), ``b1``, ``b2``, ... and supplies the custom
+``train_step``/``test_step`` that apply per-head cross-entropy plus the
+all-pairs mimicking KL (see `dhm_keras.losses`). It works under any
+`tf.distribute` strategy: the loss is a per-replica batch mean divided by the
+number of replicas (what Keras 3's built-in losses do internally), so the
+summed gradients do not depend on the replica count.
+
+Bernoulli branch sampling (Appendix D) is a per-head weight vector held in a
+non-trainable variable; `BernoulliBranchSampler` sets it at the start of each
+epoch from ``(seed, epoch)`` alone, so the draw is reproducible and a resumed
+run sees exactly the masks an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dhm_keras import losses
+
+
+def scale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:
+    """Divides a per-replica mean loss by the replica count.
+
+    Gradients are summed across replicas when applied, so each replica must
+    contribute loss / N. Keras 3 does this inside every built-in `Loss`
+    (keras/src/losses/loss.py); a hand-written objective has to do it itself.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss if replicas == 1 else loss * (1.0 / replicas)
+
+
+def sample_branch_mask(
+    seed: int, epoch: int, branches: Sequence[str], probability: float
+) -> dict[str, float]:
+    """Independent Bernoulli(p) draw per auxiliary branch for one epoch.
+
+    Depends only on (seed, epoch), so it is reproducible and resume-safe; the
+    main branch is not drawn (it always takes part).
+    """
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    draws = rng.random(len(branches)) < probability
+    return {branch: float(d) for branch, d in zip(branches, draws)}
+
+
+def _output_dict(network: keras.Model) -> dict:
+    outputs = network.output
+    if not isinstance(outputs, dict) or "b0" not in outputs:
+        raise ValueError(
+            "DHMModel needs a functional model whose outputs are a dict of logits "
+            f"keyed 'b0', 'b1', ...; got outputs {type(outputs).__name__}"
+        )
+    return outputs
+
+
+class DHMModel(keras.Model):
+    """Trains a multi-head network with the DHM (or DSL / baseline) objective.
+
+    Args:
+      network: functional model, outputs dict ``{"b0": logits, "b1": ..., ...}``.
+      mode: "baseline" (CE of b0), "dsl" (CE of every head) or "dhm" (+ mimicking).
+      temperature, alpha, epsilon: of the mimicking term (see `losses`).
+      bernoulli_p: if set, auxiliary branches take part in mimicking with this
+        probability per epoch (needs `BernoulliBranchSampler` in the callbacks).
+      top_k: the k of the second accuracy metric (top-5 by default).
+    """
+
+    def __init__(
+        self,
+        network: keras.Model,
+        mode: str = "dhm",
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        epsilon: float = 0.0,
+        bernoulli_p: Optional[float] = None,
+        top_k: int = 5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if mode not in losses.MODES:
+            raise ValueError(f"Unknown mode {mode!r}; expected one of {losses.MODES}")
+        if bernoulli_p is not None and not 0.0 <= bernoulli_p <= 1.0:
+            raise ValueError(f"bernoulli_p must lie in [0, 1], got {bernoulli_p}")
+        self.network = network
+        self.mode = mode
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.epsilon = float(epsilon)
+        self.bernoulli_p = bernoulli_p
+        outputs = _output_dict(network)
+        self.heads = losses.ordered_heads(outputs)
+        self.trained_heads = ["b0"] if mode == "baseline" else self.heads
+        self.branches = [h for h in self.heads if h != "b0"]
+        num_classes = int(outputs["b0"].shape[-1])
+        # Per-head participation in mimicking (1 = in); b0 stays 1.
+        self.head_weights = self.add_weight(
+            shape=(len(self.heads),), initializer="ones", trainable=False, name="head_weights"
+        )
+        self._trackers = {"loss": keras.metrics.Mean(name="loss")}
+        for head in self.trained_heads:
+            self._trackers[f"ce/{head}"] = keras.metrics.Mean(name=f"ce/{head}")
+        if mode == "dhm":
+            for student in self.heads:
+                for teacher in self.heads:
+                    if teacher != student:
+                        name = f"mimic/{losses.pair_name(teacher, student)}"
+                        self._trackers[name] = keras.metrics.Mean(name=name)
+        self._accuracies = {}
+        for head in self.heads:
+            self._accuracies[f"top1/{head}"] = keras.metrics.SparseCategoricalAccuracy(
+                name=f"top1/{head}"
+            )
+            if num_classes > top_k:
+                self._accuracies[f"top{top_k}/{head}"] = keras.metrics.SparseTopKCategoricalAccuracy(
+                    k=top_k, name=f"top{top_k}/{head}"
+                )
+        # The wrapped functional network is already built, and so is every
+        # variable of this wrapper: mark it so (BackupAndRestore requires it).
+        self.built = True
+
+    # -- Keras plumbing -------------------------------------------------------
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values()) + list(self._accuracies.values())
+
+    def set_branch_mask(self, mask: dict[str, float]) -> None:
+        """Sets which auxiliary heads take part in mimicking (b0 always does)."""
+        unknown = set(mask) - set(self.branches)
+        if unknown:
+            raise ValueError(f"Unknown branches {sorted(unknown)}; model has {self.branches}")
+        self.head_weights.assign(
+            np.array([1.0 if h == "b0" else mask.get(h, 1.0) for h in self.heads], np.float32)
+        )
+
+    def branch_mask(self) -> dict[str, float]:
+        values = keras.ops.convert_to_numpy(self.head_weights)
+        return {h: float(v) for h, v in zip(self.heads, values) if h != "b0"}
+
+    # -- the objective ----------------------------------------------------------
+    def _objective(self, labels, logits, use_mask: bool):
+        active = None
+        if use_mask and self.bernoulli_p is not None:
+            active = {h: self.head_weights[i] for i, h in enumerate(self.heads)}
+        return losses.dhm_loss(
+            labels,
+            logits,
+            mode=self.mode,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            active=active,
+            epsilon=self.epsilon,
+        )
+
+    def _update_metrics(self, labels, logits, total, ce, pairs):
+        self._trackers["loss"].update_state(total)
+        for head, value in ce.items():
+            self._trackers[f"ce/{head}"].update_state(value)
+        for pair, value in pairs.items():
+            self._trackers[f"mimic/{pair}"].update_state(value)
+        for name, metric in self._accuracies.items():
+            metric.update_state(labels, logits[name.split("/")[1]])
+        logs = {name: m.result() for name, m in self._trackers.items()}
+        logs.update({name: m.result() for name, m in self._accuracies.items()})
+        return logs
+
+    def train_step(self, data):
+        images, labels = data[0], data[1]
+        with tf.GradientTape() as tape:
+            logits = self.network(images, training=True)
+            total, ce, pairs = self._objective(labels, logits, use_mask=True)
+            scaled = self.optimizer.scale_loss(scale_loss_for_distribution(total))
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        logs = self._update_metrics(labels, logits, total, ce, pairs)
+        if self.bernoulli_p is not None:  # this epoch's draw, for TensorBoard
+            for i, head in enumerate(self.heads):
+                if head != "b0":
+                    logs[f"active/{head}"] = self.head_weights[i]
+        return logs
+
+    def test_step(self, data):
+        images, labels = data[0], data[1]
+        logits = self.network(images, training=False)
+        total, ce, pairs = self._objective(labels, logits, use_mask=False)
+        return self._update_metrics(labels, logits, total, ce, pairs)
+
+    def main_branch(self) -> keras.Model:
+        """The deployable network: input -> b0 logits, sharing the trained layers."""
+        return keras.Model(self.network.inputs, self.network.output["b0"], name="b0")
+
+
+class BernoulliBranchSampler(keras.callbacks.Callback):
+    """Draws the per-epoch branch mask (Appendix D) at the start of every epoch."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = int(seed)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        model = self.model
+        if model.bernoulli_p is None or not model.branches:
+            return
+        model.set_branch_mask(
+            sample_branch_mask(self.seed, epoch, model.branches, model.bernoulli_p)
+        )

@@ -1,0 +1,135 @@
+"""Reference-faithful primitives: convolution, batch norm, classifier, zero-pad shortcut.
+
+The DHM reference is PyTorch. Keras defaults differ from it in ways that change the
+numbers a model produces or the way it trains:
+
+* BatchNorm: PyTorch eps 1e-5, momentum 0.1 (== Keras momentum 0.9); Keras defaults to
+  eps 1e-3, momentum 0.99.
+* Conv init: the reference draws conv kernels from N(0, 2 / (k*k*out_channels)) (He normal
+  over fan-out, untruncated); Keras defaults to Glorot uniform.
+* Dense init: PyTorch's Linear default is U(+-1/sqrt(fan_in)) for kernel AND bias; Keras
+  defaults to Glorot uniform kernel and zero bias.
+* Padding: PyTorch pads every side by k//2. Keras "same" with stride 2 on an even input
+  pads only bottom/right, which shifts the sampling grid by one pixel, so ported weights
+  would give different outputs. We pad explicitly and use a "valid" convolution.
+
+Every helper here builds a *fresh* initializer per layer: an unseeded Keras 3 initializer
+instance draws its seed once, so sharing one instance would give identical kernels to
+every layer of the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def conv_kernel_initializer() -> keras.initializers.Initializer:
+    """He normal over fan-out, untruncated: the reference's `normal_(0, sqrt(2/n))`."""
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def dense_initializers(fan_in: int):
+    """(kernel, bias) initializers equal to PyTorch's nn.Linear default.
+
+    Kernel: VarianceScaling(1/3, fan_in, uniform) has limit sqrt(3 * (1/3) / fan_in) =
+    1/sqrt(fan_in). The bias needs the *kernel's* fan-in, which a bias initializer cannot
+    see (it only gets the bias shape), so it is a RandomUniform with an explicit bound.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    kernel = keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+    )
+    bias = keras.initializers.RandomUniform(minval=-bound, maxval=bound)
+    return kernel, bias
+
+
+def conv2d(x, filters: int, kernel_size: int, strides: int = 1, *, name: str):
+    """Bias-free convolution padded by kernel_size // 2 on every side (PyTorch semantics).
+
+    Stride 1 with an odd kernel: Keras "same" pads (k-1)/2 on both sides, exactly like
+    PyTorch, so it is kept (one layer fewer). Otherwise an explicit ZeroPadding2D named
+    `<name>_pad` precedes a "valid" convolution.
+    """
+    pad = kernel_size // 2
+    if pad == 0:
+        padding = "valid"
+    elif strides == 1 and kernel_size % 2 == 1:
+        padding = "same"
+    else:
+        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=conv_kernel_initializer(),
+        name=name,
+    )(x)
+
+
+def batch_norm(x, *, name: str):
+    """BatchNormalization with the reference's (PyTorch) epsilon and momentum."""
+    return keras.layers.BatchNormalization(
+        axis=-1, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+    )(x)
+
+
+def relu(x, *, name: str):
+    return keras.layers.ReLU(name=name)(x)
+
+
+def classifier(x, num_classes: int, *, name: str):
+    """Final Dense of a head: logits (no softmax), always float32.
+
+    dtype="float32" keeps the logits (and the softmax/KL computed from them) in float32
+    under a mixed-precision policy; Keras casts the bfloat16/float16 input up.
+    """
+    kernel_init, bias_init = dense_initializers(int(x.shape[-1]))
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=kernel_init,
+        bias_initializer=bias_init,
+        dtype="float32",
+        name=name,
+    )(x)
+
+
+@keras.saving.register_keras_serializable(package="dhm_keras")
+class ChannelZeroPad(keras.layers.Layer):
+    """Appends `extra_channels` all-zero channels after the input's channels (NHWC).
+
+    This is the parameter-free half of the reference CIFAR ResNet shortcut
+    (`torch.cat([avgpool(x), zeros], dim=1)`). A named, registered layer rather than a
+    Lambda so that models serialize to `.keras` and reload without custom code.
+    """
+
+    def __init__(self, extra_channels: int, **kwargs):
+        super().__init__(**kwargs)
+        if int(extra_channels) < 0:
+            raise ValueError(f"extra_channels must be >= 0, got {extra_channels}")
+        self.extra_channels = int(extra_channels)
+
+    def call(self, inputs):
+        rank = len(inputs.shape)
+        paddings = [[0, 0]] * (rank - 1) + [[0, self.extra_channels]]
+        return ops.pad(inputs, paddings)
+
+    def compute_output_shape(self, input_shape):
+        channels = input_shape[-1]
+        out = None if channels is None else channels + self.extra_channels
+        return (*input_shape[:-1], out)
+
+    def get_config(self):
+        config = super().get_config()
+        config["extra_channels"] = self.extra_channels
+        return config

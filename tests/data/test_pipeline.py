@@ -1,0 +1,247 @@
+"""Tests of the TFDS input pipeline and the normalisation statistics.
+
+Three data sources, none downloaded:
+* `tfds.testing.mock_data` (fake cifar100 from the feature spec): shapes,
+  dtypes, ranges, batching.
+* the committed `quickstart_data/` (first 5,000/1,000 real CIFAR-10 JPEGs):
+  determinism, augmentation correctness, slicing. Small, so fast.
+* the full prepared `cifar10_jpeg` in `<repo>/../shared/tensorflow_datasets`
+  (where CI's fresh clone finds it): exact normalisation against a NumPy
+  reference, and that the quickstart sample is a byte-exact prefix of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dhm_keras.data import (
+    DatasetNotFoundError,
+    channel_stats,
+    dataset_info,
+    make_dataset,
+    normalize,
+    normalize_reference_np,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO_ROOT / "quickstart_data"
+SHARED = (REPO_ROOT / ".." / "shared" / "tensorflow_datasets").resolve()
+NAME = "cifar10_jpeg"
+
+needs_shared = pytest.mark.skipif(
+    not (SHARED / NAME).exists(), reason=f"no prepared {NAME} in {SHARED}"
+)
+
+
+def _np_normalize(images_uint8, mean, std):
+    """NumPy reference, bit for bit what `normalize` computes (reciprocals)."""
+    return normalize_reference_np(images_uint8, mean, std)
+
+
+def _np_textbook(images_uint8, mean, std):
+    """The recipe as written: (x / 255 - mean) / std, float32."""
+    x = images_uint8.astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def _uint8_split(data_dir, split):
+    ds = tfds.load(NAME, data_dir=str(data_dir), split=split,
+                   as_supervised=True, download=False)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    return np.stack(images), np.array(labels)
+
+
+def _first_batch(ds):
+    x, y = next(iter(ds))
+    return x.numpy(), y.numpy()
+
+
+# --------------------------------------------------------------- stats
+
+
+def test_channel_stats_known_unknown_and_explicit():
+    mean, std = channel_stats("cifar10_jpeg")
+    assert mean == (0.4913, 0.4821, 0.4465) and std == (0.2452, 0.2428, 0.2606)
+    assert channel_stats("cifar100:3.0.2") == channel_stats("cifar100")
+    assert channel_stats("my_set", [0.5] * 3, [0.25] * 3) == ((0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match="my_set.*mean=.*std="):
+        channel_stats("my_set")
+    with pytest.raises(ValueError, match="both"):
+        channel_stats("cifar10", mean=[0.5] * 3)
+
+
+def test_normalize_uint8_and_float_inputs_agree_with_numpy():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)
+    mean, std = channel_stats("cifar100")
+    expected = _np_normalize(images, mean, std)
+    np.testing.assert_array_equal(normalize(images, mean, std).numpy(), expected)
+    as_float = normalize(tf.constant(images, tf.float32), mean, std)
+    np.testing.assert_array_equal(as_float.numpy(), expected)
+    # Graph mode (what the exported model runs): Grappler must not change
+    # a single bit, so training and serving see identical inputs.
+    in_graph = tf.function(lambda x: normalize(x, mean, std), autograph=False)(images)
+    np.testing.assert_array_equal(in_graph.numpy(), expected)
+    np.testing.assert_allclose(expected, _np_textbook(images, mean, std), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------- mock cifar100
+
+
+def test_mock_cifar100_shapes_dtypes_ranges_and_batching():
+    mean, std = np.array(channel_stats("cifar100"))
+    lo, hi = (-mean / std).min(), ((1 - mean) / std).max()
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        info = dataset_info("cifar100")
+        assert info.num_classes == 100 and info.image_shape == (32, 32, 3)
+
+        train = make_dataset("cifar100", "train", global_batch_size=8,
+                             training=True, seed=1)
+        batches = list(train)
+        assert len(batches) == 2  # 20 // 8, remainder dropped
+        assert train.element_spec[0].shape.as_list() == [8, 32, 32, 3]
+        evaluation = make_dataset("cifar100", "test", global_batch_size=8,
+                                  training=False)
+        assert [int(x.shape[0]) for x, _ in evaluation] == [8, 8, 4]
+
+    for x, y in batches + list(evaluation):
+        assert x.dtype == tf.float32 and y.dtype == tf.int32
+        assert x.shape[1:] == (32, 32, 3)
+        assert lo - 1e-6 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= hi + 1e-6
+        assert 0 <= int(tf.reduce_min(y)) and int(tf.reduce_max(y)) < 100
+
+
+# --------------------------------------------------------------- quickstart
+
+
+def test_quickstart_info_and_split_slicing():
+    info = dataset_info(NAME, str(QUICKSTART))
+    assert (info.num_classes, info.image_shape) == (10, (32, 32, 3))
+    assert dict(info.splits) == {"train": 5000, "test": 1000}
+    assert info.num_examples("train[:10%]") == 500
+
+    ds = make_dataset(NAME, "train[100:250]", data_dir=str(QUICKSTART),
+                      global_batch_size=64, training=False)
+    labels = np.concatenate([y.numpy() for _, y in ds])
+    assert len(labels) == 150
+    _, all_labels = _uint8_split(QUICKSTART, "train[:250]")
+    np.testing.assert_array_equal(labels, all_labels[100:250])
+    assert len(list(make_dataset(NAME, "test", data_dir=str(QUICKSTART),
+                                 global_batch_size=128, training=False,
+                                 take=300))) == 3
+
+
+def _train(seed, **kw):
+    kw = {"take": 256, "global_batch_size": 64, **kw}
+    return make_dataset(NAME, "train", data_dir=str(QUICKSTART), training=True,
+                        seed=seed, **kw)
+
+
+def test_determinism_same_seed_equal_other_seed_and_epoch_differ():
+    x1, y1 = _first_batch(_train(seed=7))
+    x2, y2 = _first_batch(_train(seed=7))
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+
+    x3, _ = _first_batch(_train(seed=8))
+    assert not np.array_equal(x1, x3)
+
+    ds = _train(seed=7)
+    epoch1, epoch2 = next(iter(ds)), next(iter(ds))
+    np.testing.assert_array_equal(epoch1[0].numpy(), x1)  # epoch 1 = fresh pipeline
+    assert not np.array_equal(epoch1[0].numpy(), epoch2[0].numpy())
+
+    # Order held fixed (buffer 1 = no shuffle): augmentation alone differs.
+    fixed = _train(seed=7, shuffle_buffer=1)
+    (a, la), (b, lb) = next(iter(fixed)), next(iter(fixed))
+    np.testing.assert_array_equal(la.numpy(), lb.numpy())
+    assert not np.array_equal(a.numpy(), b.numpy())
+
+
+def test_augmentation_is_a_flipped_or_plain_crop_of_the_zero_padded_image():
+    pad, n = 4, 64
+    originals, labels = _uint8_split(QUICKSTART, f"train[:{n}]")
+    # A shuffle buffer of 1 keeps the order, so batch row i is example i.
+    aug, aug_labels = _first_batch(_train(seed=3, take=n, global_batch_size=n,
+                                          shuffle_buffer=1, padding=pad))
+    np.testing.assert_array_equal(aug_labels, labels)
+    mean, std = channel_stats(NAME)
+    seen = set()
+    for i in range(n):
+        padded = np.pad(originals[i], ((pad, pad), (pad, pad), (0, 0)))
+        matches = [
+            (dy, dx, flip)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for flip in (False, True)
+            if np.array_equal(
+                aug[i],
+                _np_normalize(
+                    (lambda c: c[:, ::-1] if flip else c)(padded[dy:dy + 32, dx:dx + 32]),
+                    mean, std,
+                ),
+            )
+        ]
+        assert matches, f"augmented image {i} is no crop/flip of its source"
+        seen.update(matches)
+    assert {f for _, _, f in seen} == {False, True}
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 20  # offsets actually vary
+
+
+def test_resize_option():
+    x, _ = _first_batch(_train(seed=0, image_size=24, take=64))
+    assert x.shape == (64, 24, 24, 3)
+
+
+def test_missing_dataset_error_names_dataset_dir_and_flag(tmp_path):
+    for name in (NAME, "cifar100"):  # unregistered, and registered-but-absent
+        with pytest.raises(DatasetNotFoundError) as err:
+            make_dataset(name, "train", data_dir=str(tmp_path),
+                         global_batch_size=8, training=True)
+        message = str(err.value)
+        assert name in message and str(tmp_path) in message
+        assert "--data_dir" in message and "TFDS_DATA_DIR" in message
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(DatasetNotFoundError):
+        dataset_info(NAME, str(tmp_path))
+
+
+# --------------------------------------------------------------- full dataset
+
+
+@needs_shared
+def test_eval_images_equal_numpy_normalisation_of_decoded_jpeg():
+    n = 200
+    mean, std = channel_stats(NAME)
+    files = sorted(str(p) for p in (SHARED / NAME / "1.0.0").glob(f"{NAME}-test.tfrecord-*"))
+    spec = {"image": tf.io.FixedLenFeature([], tf.string),
+            "label": tf.io.FixedLenFeature([], tf.int64)}
+    ref_x, ref_y = [], []
+    for record in tf.data.TFRecordDataset(files).take(n):
+        ex = tf.io.parse_single_example(record, spec)
+        ref_x.append(tf.io.decode_jpeg(ex["image"], channels=3).numpy())
+        ref_y.append(int(ex["label"]))
+    ds = make_dataset(NAME, "test", data_dir=str(SHARED), global_batch_size=128,
+                      training=False, take=n)
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    np.testing.assert_array_equal(np.concatenate(ys), ref_y)
+    ref_x = np.stack(ref_x)
+    np.testing.assert_array_equal(np.concatenate(xs), _np_normalize(ref_x, mean, std))
+    np.testing.assert_allclose(np.concatenate(xs), _np_textbook(ref_x, mean, std),
+                               rtol=0, atol=1e-6)
+
+
+@needs_shared
+def test_full_dataset_info_and_quickstart_is_its_prefix():
+    info = dataset_info(NAME, str(SHARED))
+    assert dict(info.splits) == {"train": 50000, "test": 10000}
+    for split in ("train", "test"):
+        quick = _uint8_split(QUICKSTART, f"{split}[:100]")
+        full = _uint8_split(SHARED, f"{split}[:100]")
+        np.testing.assert_array_equal(quick[0], full[0])
+        np.testing.assert_array_equal(quick[1], full[1])
