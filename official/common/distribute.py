@@ -17,13 +17,23 @@ STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def _logical_cpus(count: int) -> list[str]:
-    """Splits the CPU into `count` logical devices (testing multi-replica code without GPUs)."""
+    """Splits the CPU into `count` logical devices (multi-replica code without GPUs).
+
+    Only possible before TensorFlow initialises its runtime; afterwards the
+    existing split must already be large enough.
+    """
     cpus = tf.config.list_physical_devices("CPU")
-    existing = tf.config.list_logical_devices("CPU")
-    if len(existing) < count:
+    try:
         tf.config.set_logical_device_configuration(
             cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
         )
+    except RuntimeError:  # runtime already initialised
+        available = len(tf.config.list_logical_devices("CPU"))
+        if available < count:
+            raise ValueError(
+                f"need {count} logical CPU devices but TensorFlow was initialised with "
+                f"{available}; create the strategy before running any TensorFlow op"
+            ) from None
     return [f"/cpu:{i}" for i in range(count)]
 
 

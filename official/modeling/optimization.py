@@ -36,6 +36,7 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         steps_per_epoch: int,
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
+        warmup_epochs: float = 0.0,
     ):
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
@@ -45,13 +46,22 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.steps_per_epoch = int(steps_per_epoch)
         self.milestones = [int(m) for m in milestones]
         self.gamma = float(gamma)
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.warmup_epochs = float(warmup_epochs)
 
     def __call__(self, step):
         epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
         reached = tf.zeros([], tf.float32)
         for milestone in self.milestones:
             reached += tf.cast(epoch >= milestone, tf.float32)
-        return self.initial_learning_rate * tf.pow(self.gamma, reached)
+        rate = self.initial_learning_rate * tf.pow(self.gamma, reached)
+        if self.warmup_epochs:
+            # Linear ramp over the first warmup steps: step k uses (k + 1) / warmup.
+            warmup_steps = self.warmup_epochs * self.steps_per_epoch
+            ramp = (tf.cast(step, tf.float32) + 1.0) / warmup_steps
+            rate = rate * tf.minimum(1.0, ramp)
+        return rate
 
     def get_config(self):
         return {
@@ -59,6 +69,7 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
             "steps_per_epoch": self.steps_per_epoch,
             "milestones": self.milestones,
             "gamma": self.gamma,
+            "warmup_epochs": self.warmup_epochs,
         }
 
 
@@ -114,7 +125,11 @@ def build_sgd(
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
     nesterov: bool = False,
+    warmup_epochs: float = 0.0,
 ) -> L2SGD:
-    """The reference CNN recipe: step-decayed SGD with coupled weight decay."""
-    schedule = EpochStepDecay(learning_rate, steps_per_epoch, milestones, gamma)
+    """The reference CNN recipe: step-decayed SGD with coupled weight decay.
+
+    `warmup_epochs` > 0 adds a linear learning-rate ramp (off in the reference).
+    """
+    schedule = EpochStepDecay(learning_rate, steps_per_epoch, milestones, gamma, warmup_epochs)
     return L2SGD(learning_rate=schedule, momentum=momentum, l2=weight_decay, nesterov=nesterov)

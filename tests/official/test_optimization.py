@@ -42,3 +42,10 @@ def test_l2sgd_matches_pytorch_sgd_formula(nesterov):
 def test_l2sgd_rejects_decoupled_weight_decay():
     with pytest.raises(ValueError, match="l2"):
         optimization.L2SGD(weight_decay=1e-4)
+
+
+def test_linear_warmup_then_steps():
+    schedule = optimization.EpochStepDecay(0.1, steps_per_epoch=4, milestones=[3], gamma=0.1, warmup_epochs=1)
+    lrs = [float(schedule(step)) for step in range(16)]
+    expected = [0.1 * min(1.0, (s + 1) / 4) * (0.1 if s // 4 >= 3 else 1.0) for s in range(16)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)

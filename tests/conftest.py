@@ -1,0 +1,11 @@
+"""Shared test setup: the repository root on sys.path and TF's CPU defaults before TF loads."""
+
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import official  # noqa: E402,F401  (turns on oneDNN before TensorFlow is imported)
