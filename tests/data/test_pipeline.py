@@ -12,6 +12,7 @@ Three data sources, none downloaded:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,10 @@ QUICKSTART = REPO_ROOT / "quickstart_data"
 SHARED = (REPO_ROOT / ".." / "shared" / "tensorflow_datasets").resolve()
 NAME = "cifar10_jpeg"
 
+# CI always has ../shared beside the clone: there a missing copy must fail, not skip.
 needs_shared = pytest.mark.skipif(
-    not (SHARED / NAME).exists(), reason=f"no prepared {NAME} in {SHARED}"
+    not (SHARED / NAME).exists() and not os.environ.get("CI"),
+    reason=f"no prepared {NAME} in {SHARED}",
 )
 
 
