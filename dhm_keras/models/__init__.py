@@ -11,7 +11,7 @@ from dhm_keras.models.builder import (
     head_names,
     head_of_layer,
 )
-from dhm_keras.models.layers import ChannelZeroPad
+from dhm_keras.models.layers import ChannelZeroPad, PaddedMaxPooling2D
 from dhm_keras.models.specs import (
     ArchSpec,
     Branch,
@@ -27,6 +27,7 @@ __all__ = [
     "ChannelZeroPad",
     "MAIN_HEAD",
     "MODES",
+    "PaddedMaxPooling2D",
     "Stage",
     "available_models",
     "branch_layers",

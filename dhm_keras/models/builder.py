@@ -88,7 +88,8 @@ def ensure_recursion_limit(num_layers: int) -> int:
 
 
 def _max_layers(spec: specs_lib.ArchSpec) -> int:
-    """Generous upper bound on the layer count: every block makes at most 12 layers."""
+    """Generous upper bound on the layer count: every block (or dense layer, or
+    depthwise-separable unit) makes at most 12 layers."""
     stages = spec.stages + tuple(s for b in spec.branches for s in b.stages)
     return 12 * sum(s.blocks for s in stages) + 50
 
@@ -102,8 +103,11 @@ def build(name: str, num_classes: int, mode: str = "dhm", input_shape=None, **ov
       mode: "baseline" (B0 only), "dsl" or "dhm" (all heads; same network).
       input_shape: (H, W, C) without batch; default from the spec ((32, 32, 3) for CIFAR).
       **overrides: replace spec fields, e.g. `blocks_per_stage=1`, `branch_blocks=1`,
-        `branches=("b1",)`; block options by name (e.g. `dropout`) where the block has
-        them. Unknown keys raise ValueError listing the valid ones.
+        `branches=("b1",)` (names select among the spec's branches, optional ones
+        included: `build("resnet18", 1000, branches=("b1", "b2", "b3"))` adds B3);
+        block options by name where the family has them: `dropout` (WRN, default 0.0),
+        `bottleneck` / `compression` (DenseNet). Unknown keys raise ValueError listing
+        the valid ones.
     """
     _check_mode(mode)
     spec = specs_lib.with_overrides(specs_lib.get_spec(name), **overrides)

@@ -12,6 +12,10 @@ numbers a model produces or the way it trains:
 * Padding: PyTorch pads every side by k//2. Keras "same" with stride 2 on an even input
   pads only bottom/right, which shifts the sampling grid by one pixel, so ported weights
   would give different outputs. We pad explicitly and use a "valid" convolution.
+* Max pooling: PyTorch's padded MaxPool2d pads with -inf on every side;
+  `PaddedMaxPooling2D` does the same (zero padding could win for negative inputs).
+* Depthwise conv: PyTorch's fan-out of a depthwise kernel (c, 1, k, k) is k*k*c; Keras'
+  is k*k, so the init std is set explicitly.
 
 Every helper here builds a *fresh* initializer per layer: an unseeded Keras 3 initializer
 instance draws its seed once, so sharing one instance would give identical kernels to
@@ -77,6 +81,52 @@ def conv2d(x, filters: int, kernel_size: int, strides: int = 1, *, name: str):
     )(x)
 
 
+def depthwise_conv2d(x, kernel_size: int, strides: int = 1, *, name: str):
+    """Bias-free depthwise convolution (channel multiplier 1), PyTorch padding and init.
+
+    PyTorch's depthwise conv is `Conv2d(c, c, k, groups=c)` with weight (c, 1, k, k); the
+    reference init `normal_(0, sqrt(2 / (k*k*out_channels)))` therefore has std
+    sqrt(2 / (k*k*c)). Keras' fan-out of a (k, k, c, 1) depthwise kernel is k*k (the
+    multiplier), which would give a std sqrt(c) times larger, so the std is set here.
+    """
+    channels = int(x.shape[-1])
+    pad = kernel_size // 2
+    if strides == 1 and kernel_size % 2 == 1:
+        padding = "same"
+    else:
+        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    return keras.layers.DepthwiseConv2D(
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        depthwise_initializer=keras.initializers.RandomNormal(
+            stddev=math.sqrt(2.0 / (kernel_size * kernel_size * channels))
+        ),
+        name=name,
+    )(x)
+
+
+def max_pool2d(x, pool_size: int, strides: int, padding: int, *, name: str):
+    """PyTorch `MaxPool2d(pool_size, strides, padding)`: symmetric padding that never wins.
+
+    Keras "same" pads bottom/right only (another sampling grid); zero padding would be a
+    candidate maximum for negative inputs. `PaddedMaxPooling2D` pads with -inf instead.
+    """
+    return PaddedMaxPooling2D(pool_size, strides, padding, name=name)(x)
+
+
+def dropout(x, rate: float, *, name: str):
+    """Dropout active only with training=True; no layer at all for rate 0."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}: dropout rate must lie in [0, 1), got {rate}")
+    if rate == 0.0:
+        return x
+    return keras.layers.Dropout(rate, name=name)(x)
+
+
 def batch_norm(x, *, name: str):
     """BatchNormalization with the reference's (PyTorch) epsilon and momentum."""
     return keras.layers.BatchNormalization(
@@ -132,4 +182,43 @@ class ChannelZeroPad(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["extra_channels"] = self.extra_channels
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dhm_keras")
+class PaddedMaxPooling2D(keras.layers.Layer):
+    """Max pooling after `padding` rows/columns of -inf on EVERY side (NHWC).
+
+    Equal to PyTorch's `nn.MaxPool2d(pool_size, strides, padding)`: the padding widens the
+    sampling grid symmetrically but is never selected as a maximum (and receives no
+    gradient), whatever the sign of the input.
+    """
+
+    def __init__(self, pool_size: int, strides: int, padding: int, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = int(pool_size)
+        self.strides = int(strides)
+        self.padding = int(padding)
+        if self.padding < 0 or 2 * self.padding > self.pool_size:
+            raise ValueError(
+                f"padding must lie in [0, pool_size / 2] (PyTorch's rule), got {padding}"
+            )
+
+    def call(self, inputs):
+        p = self.padding
+        if p:
+            inputs = ops.pad(
+                inputs, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=float("-inf")
+            )
+        return ops.max_pool(inputs, self.pool_size, self.strides, padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        def size(n):
+            return None if n is None else (n + 2 * self.padding - self.pool_size) // self.strides + 1
+
+        return (input_shape[0], size(input_shape[1]), size(input_shape[2]), input_shape[3])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(pool_size=self.pool_size, strides=self.strides, padding=self.padding)
         return config

@@ -1,6 +1,8 @@
 """Every architecture as data: backbone stages, fork points and branch stages.
 
-These are the tables of the architecture spec (supplement Tables 1-5) and nothing else;
+These are the tables of the architecture spec (supplement Tables 1-5) and nothing else:
+CIFAR ResNet (Table 1), DenseNet (Table 2), Wide ResNet (Table 3), ImageNet ResNet with the
+optional B3 (Table 4) and MobileNet for re-identification (Table 5);
 the single builder (builder.py) turns any ArchSpec into a Keras model. A new family needs a
 spec constructor here and a block function in blocks.py, never a new builder.
 
@@ -25,7 +27,13 @@ BRANCH_NAME = re.compile(r"^b[1-9][0-9]*$")
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """`blocks` blocks of `filters` output width; the first block strides by `stride`."""
+    """`blocks` blocks of `filters` width; the stage down-samples by `stride`.
+
+    What `filters` and `stride` mean is the block family's (blocks.STAGES): residual and
+    depthwise-separable families stride in the first block and `filters` is its output
+    width (planes for bottlenecks, whose output is 4 * planes); DenseNet stages take
+    `filters` as the growth rate and down-sample in the transition that closes the stage.
+    """
 
     name: str
     filters: int
@@ -136,12 +144,183 @@ def cifar_resnet(name: str, n: int, b2_blocks: tuple[int, int], b1_blocks: int) 
     )
 
 
+def wide_resnet(name: str, n: int, k: int, b2_blocks: tuple[int, int], b1_blocks: int,
+                dropout: float = 0.0) -> ArchSpec:
+    """WRN-(6n+4)-k, Table 3: bare conv3x3(16) stem, pre-activation blocks of widths
+    16k/32k/64k, final BN-ReLU on every head; dropout between the convs (option)."""
+    return ArchSpec(
+        name=name,
+        block="preact",
+        stem="conv",
+        stem_filters=16,
+        stages=(
+            Stage("stage1", 16 * k, n, 1),  # conv2_x, 32x32
+            Stage("stage2", 32 * k, n, 2),  # conv3_x, 16x16
+            Stage("stage3", 64 * k, n, 2),  # conv4_x, 8x8
+        ),
+        branches=(
+            Branch("b1", fork="stage2", stages=(Stage("stage3", 128 * k, b1_blocks, 2),)),
+            Branch(
+                "b2",
+                fork="stage1",
+                stages=(
+                    Stage("stage2", 32 * k, b2_blocks[0], 2),
+                    Stage("stage3", 64 * k, b2_blocks[1], 2),
+                ),
+            ),
+        ),
+        head_preactivation=True,
+        block_options={"dropout": dropout},
+    )
+
+
+def densenet(name: str, layers: int, k: int, b2_layers: tuple[int, int], b1_layers: int,
+             bottleneck: bool = False, compression: float = 1.0,
+             stem_filters: int = 16) -> ArchSpec:
+    """CIFAR DenseNet, Table 2: three dense blocks of `layers` layers (growth k) with a
+    transition closing the first two stages; B2 forks after transition 1 with its own
+    block, transition and block; B1 forks after transition 2 with growth 3k."""
+    return ArchSpec(
+        name=name,
+        block="dense",
+        stem="conv",
+        stem_filters=stem_filters,
+        stages=(
+            Stage("stage1", k, layers, 2),  # dense1 + trans1 -> 16x16
+            Stage("stage2", k, layers, 2),  # dense2 + trans2 -> 8x8
+            Stage("stage3", k, layers, 1),  # dense3
+        ),
+        branches=(
+            Branch("b1", fork="stage2", stages=(Stage("stage3", 3 * k, b1_layers, 1),)),
+            Branch(
+                "b2",
+                fork="stage1",
+                stages=(
+                    Stage("stage2", k, b2_layers[0], 2),
+                    Stage("stage3", k, b2_layers[1], 1),
+                ),
+            ),
+        ),
+        head_preactivation=True,
+        block_options={"bottleneck": bottleneck, "compression": compression},
+    )
+
+
+def imagenet_resnet(name: str, block: str, blocks: tuple[int, int, int, int],
+                    b2_blocks: tuple[int, int], b1_blocks: int,
+                    b3: bool = False) -> ArchSpec:
+    """torchvision ResNet, Table 4: stages of 64/128/256/512 planes (conv2_x..conv5_x);
+    B2 forks after conv3_x, B1 after conv4_x with 1024 planes; optional B3 (ResNet-18
+    ablation) after conv2_x with one block per stage (our reconstruction)."""
+    optional = ()
+    if b3:
+        optional = (
+            Branch(
+                "b3",
+                fork="stage1",
+                stages=(
+                    Stage("stage2", 128, 1, 2),
+                    Stage("stage3", 256, 1, 2),
+                    Stage("stage4", 512, 1, 2),
+                ),
+            ),
+        )
+    return ArchSpec(
+        name=name,
+        block=block,
+        stem="imagenet",
+        stem_filters=64,
+        stages=(
+            Stage("stage1", 64, blocks[0], 1),  # conv2_x, 56x56 (after the max pool)
+            Stage("stage2", 128, blocks[1], 2),  # conv3_x, 28x28
+            Stage("stage3", 256, blocks[2], 2),  # conv4_x, 14x14
+            Stage("stage4", 512, blocks[3], 2),  # conv5_x, 7x7
+        ),
+        branches=(
+            Branch("b1", fork="stage3", stages=(Stage("stage4", 1024, b1_blocks, 2),)),
+            Branch(
+                "b2",
+                fork="stage2",
+                stages=(
+                    Stage("stage3", 256, b2_blocks[0], 2),
+                    Stage("stage4", 512, b2_blocks[1], 2),
+                ),
+            ),
+        ),
+        optional_branches=optional,
+        input_shape=(224, 224, 3),
+    )
+
+
+def mobilenet_reid(name: str = "mobilenet_reid") -> ArchSpec:
+    """MobileNet v1 for person re-identification, Table 5 (input 256x128).
+
+    The table's common stem is our stem (conv3x3/2 32) plus stages 1-3 (dw32/1 pw64;
+    dw64/2 pw128, dw128/1 pw128; dw128/2 pw256, dw256/1 pw256), so B2 forks at "stage3".
+    B0: stage4 (dw256/2 pw512, 5x dw512/1 pw512), stage5 (dw512/2 pw1024), stage6
+    (dw1024/2 pw1024, stride 2 as the table prints it). B1 forks after stage4.
+    """
+    return ArchSpec(
+        name=name,
+        block="separable",
+        stem="mobilenet",
+        stem_filters=32,
+        stages=(
+            Stage("stage1", 64, 1, 1),  # 128x64
+            Stage("stage2", 128, 2, 2),  # 64x32
+            Stage("stage3", 256, 2, 2),  # 32x16: end of the common stem
+            Stage("stage4", 512, 6, 2),  # 16x8
+            Stage("stage5", 1024, 1, 2),  # 8x4
+            Stage("stage6", 1024, 1, 2),  # 4x2
+        ),
+        branches=(
+            Branch(
+                "b1",
+                fork="stage4",
+                stages=(Stage("stage5", 2048, 1, 2), Stage("stage6", 2048, 1, 2)),
+            ),
+            Branch(
+                "b2",
+                fork="stage3",
+                stages=(
+                    Stage("stage4", 512, 1, 2),
+                    Stage("stage5", 1024, 1, 2),
+                    Stage("stage6", 1024, 1, 2),
+                ),
+            ),
+        ),
+        input_shape=(256, 128, 3),
+    )
+
+
+def _with_all_branches(spec: ArchSpec, name: str) -> ArchSpec:
+    """`spec` under another name with its optional branches built by default."""
+    return dataclasses.replace(
+        spec, name=name, branches=spec.branches + spec.optional_branches, optional_branches=()
+    )
+
+
+_RESNET18 = imagenet_resnet("resnet18", "basic", (2, 2, 2, 2), (1, 2), 2, b3=True)
+
 SPECS: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
         cifar_resnet("resnet32", 5, (5, 3), 5),
         cifar_resnet("resnet110", 18, (9, 9), 18),
         cifar_resnet("resnet1202", 200, (100, 100), 200),
+        wide_resnet("wrn_16_8", 2, 8, (2, 1), 2),
+        wide_resnet("wrn_28_10", 4, 10, (4, 2), 4),
+        densenet("densenet_40_12", 12, 12, (12, 6), 12),
+        densenet("densenet_100_12", 32, 12, (16, 16), 32),
+        densenet("densenet_bc_100_12", 16, 12, (16, 16), 32, bottleneck=True,
+                 compression=0.5, stem_filters=24),
+        _RESNET18,
+        _with_all_branches(_RESNET18, "resnet18_b3"),
+        imagenet_resnet("resnet34", "basic", (3, 4, 6, 3), (3, 2), 3),
+        imagenet_resnet("resnet50", "bottleneck", (3, 4, 6, 3), (3, 2), 3),
+        imagenet_resnet("resnet101", "bottleneck", (3, 4, 23, 3), (12, 2), 3),
+        imagenet_resnet("resnet152", "bottleneck", (3, 8, 36, 3), (18, 2), 3),
+        mobilenet_reid(),
     )
 }
 

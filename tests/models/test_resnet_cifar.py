@@ -154,7 +154,7 @@ def test_unknown_name_lists_known_models():
         build("resnet33", 10)
     for known in ("resnet32", "resnet110", "resnet1202"):
         assert known in str(info.value)
-    assert models.available_models() == sorted(["resnet32", "resnet110", "resnet1202"])
+    assert {"resnet32", "resnet110", "resnet1202"} <= set(models.available_models())
 
 
 def test_unknown_mode_is_rejected():
