@@ -49,6 +49,18 @@ def cifar_stem(x, filters: int, *, name: str = "stem", **_options):
 # ----------------------------------------------------------------------------- blocks
 
 
+def _basic_residual(x, shortcut, filters: int, stride: int, *, name: str):
+    """The basic block's body shared by the CIFAR and ImageNet ResNets (they differ
+    only in the shortcut): conv3x3(stride)-BN-ReLU-conv3x3-BN, add shortcut, ReLU."""
+    y = L.conv2d(x, filters, 3, stride, name=f"{name}_conv1")
+    y = L.batch_norm(y, name=f"{name}_bn1")
+    y = L.relu(y, name=f"{name}_relu1")
+    y = L.conv2d(y, filters, 3, 1, name=f"{name}_conv2")
+    y = L.batch_norm(y, name=f"{name}_bn2")
+    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return L.relu(y, name=f"{name}_out")
+
+
 def cifar_basic_block(x, filters: int, stride: int, *, name: str, **_options):
     """Reference CIFAR ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, add, ReLU.
 
@@ -71,13 +83,7 @@ def cifar_basic_block(x, filters: int, stride: int, *, name: str, **_options):
             shortcut
         )
 
-    y = L.conv2d(x, filters, 3, stride, name=f"{name}_conv1")
-    y = L.batch_norm(y, name=f"{name}_bn1")
-    y = L.relu(y, name=f"{name}_relu1")
-    y = L.conv2d(y, filters, 3, 1, name=f"{name}_conv2")
-    y = L.batch_norm(y, name=f"{name}_bn2")
-    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
-    return L.relu(y, name=f"{name}_out")
+    return _basic_residual(x, shortcut, filters, stride, name=name)
 
 
 def preact_block(x, filters: int, stride: int, *, name: str, dropout: float = 0.0,
@@ -113,13 +119,7 @@ def _projection_shortcut(x, channels: int, stride: int, *, name: str):
 def basic_block(x, filters: int, stride: int, *, name: str, **_options):
     """torchvision BasicBlock (expansion 1): conv3x3(stride)-BN-ReLU-conv3x3-BN, add, ReLU."""
     shortcut = _projection_shortcut(x, filters, stride, name=name)
-    y = L.conv2d(x, filters, 3, stride, name=f"{name}_conv1")
-    y = L.batch_norm(y, name=f"{name}_bn1")
-    y = L.relu(y, name=f"{name}_relu1")
-    y = L.conv2d(y, filters, 3, 1, name=f"{name}_conv2")
-    y = L.batch_norm(y, name=f"{name}_bn2")
-    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
-    return L.relu(y, name=f"{name}_out")
+    return _basic_residual(x, shortcut, filters, stride, name=name)
 
 
 BOTTLENECK_EXPANSION = 4
