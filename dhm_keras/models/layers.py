@@ -55,6 +55,21 @@ def dense_initializers(fan_in: int):
     return kernel, bias
 
 
+def _torch_padding(x, kernel_size: int, strides: int, *, name: str):
+    """(input, Keras padding) giving PyTorch's pad of kernel_size // 2 on every side.
+
+    Stride 1 with an odd kernel: Keras "same" already pads symmetrically, so it is kept
+    (one layer fewer). Otherwise an explicit ZeroPadding2D named `<name>_pad` precedes a
+    "valid" convolution.
+    """
+    pad = kernel_size // 2
+    if pad == 0:
+        return x, "valid"
+    if strides == 1 and kernel_size % 2 == 1:
+        return x, "same"
+    return keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x), "valid"
+
+
 def conv2d(x, filters: int, kernel_size: int, strides: int = 1, *, name: str):
     """Bias-free convolution padded by kernel_size // 2 on every side (PyTorch semantics).
 
@@ -62,14 +77,7 @@ def conv2d(x, filters: int, kernel_size: int, strides: int = 1, *, name: str):
     PyTorch, so it is kept (one layer fewer). Otherwise an explicit ZeroPadding2D named
     `<name>_pad` precedes a "valid" convolution.
     """
-    pad = kernel_size // 2
-    if pad == 0:
-        padding = "valid"
-    elif strides == 1 and kernel_size % 2 == 1:
-        padding = "same"
-    else:
-        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-        padding = "valid"
+    x, padding = _torch_padding(x, kernel_size, strides, name=name)
     return keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -90,12 +98,7 @@ def depthwise_conv2d(x, kernel_size: int, strides: int = 1, *, name: str):
     multiplier), which would give a std sqrt(c) times larger, so the std is set here.
     """
     channels = int(x.shape[-1])
-    pad = kernel_size // 2
-    if strides == 1 and kernel_size % 2 == 1:
-        padding = "same"
-    else:
-        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-        padding = "valid"
+    x, padding = _torch_padding(x, kernel_size, strides, name=name)
     return keras.layers.DepthwiseConv2D(
         kernel_size,
         strides=strides,
