@@ -78,10 +78,14 @@ class ResultsWriter(keras.callbacks.Callback):
             "history": history,
         }
         if history:
-            split = "eval" if history[-1]["eval"] else "train"
-            best = max(history, key=lambda e: e[split].get("top1/b0", float("-inf")))
+            # Epochs without an evaluation (train.eval_every > 1) are skipped
+            # when picking the best and last evaluated epoch.
+            evaluated = [e for e in history if e["eval"]]
+            split = "eval" if evaluated else "train"
+            scored = evaluated or history
+            best = max(scored, key=lambda e: e[split].get("top1/b0", float("-inf")))
             payload["split"] = split
             payload["best"] = {"epoch": best["epoch"], **head_accuracies(best[split])}
-            payload["last"] = {"epoch": history[-1]["epoch"], **head_accuracies(history[-1][split])}
+            payload["last"] = {"epoch": scored[-1]["epoch"], **head_accuracies(scored[-1][split])}
         _atomic_write_json(self.path, payload)
         return payload

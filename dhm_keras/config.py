@@ -35,6 +35,18 @@ class DatasetConfig:
     # of `dhm_keras.data.stats` (an unknown dataset then needs them set here).
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
+    # Appendix E: fraction of TRAINING labels replaced by uniformly random
+    # ones, fixed per example for the whole run (seed: label_noise_seed,
+    # default train.seed). Evaluation labels always stay clean.
+    label_noise: float = 0.0
+    label_noise_seed: Optional[int] = None
+    # Training augmentation: "pad_crop_flip" (CIFAR recipe: zero-pad by
+    # `padding`, random crop back, flip) or "random_resized_crop" (ImageNet
+    # recipe: Inception crop of scale 0.08-1 resized to image_size, flip).
+    augmentation: str = "pad_crop_flip"
+    # Evaluation: resize the shorter side to `eval_resize` and centre-crop
+    # image_size (ImageNet: 256 -> 224); None resizes straight to image_size.
+    eval_resize: Optional[int] = None
 
 
 @gin.configurable("model")
@@ -75,5 +87,7 @@ class TrainConfig:
     seed: int = 0
     jit_compile: object = "auto"
     deterministic: bool = False
-    eval_every_epoch: bool = True
+    # Evaluate every N epochs, and always after the last one (evaluation of
+    # a large test split can cost as much as an epoch of a small train split).
+    eval_every: int = 1
     verbose: int = 1

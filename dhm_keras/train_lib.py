@@ -126,7 +126,17 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
         std=dataset.std,
     )
     train_ds = (
-        data_lib.make_dataset(dataset.name, dataset.train_split, training=True, padding=dataset.padding, **common)
+        data_lib.make_dataset(
+            dataset.name,
+            dataset.train_split,
+            training=True,
+            padding=dataset.padding,
+            label_noise=dataset.label_noise,
+            label_noise_seed=(
+                train.seed if dataset.label_noise_seed is None else dataset.label_noise_seed
+            ),
+            **common,
+        )
         if training
         else None
     )
@@ -166,6 +176,13 @@ def latest_checkpoint(model_dir: str) -> Optional[str]:
     return files[-1] if files else None
 
 
+def evaluation_epochs(epochs: int, every: int) -> list:
+    """1-based epochs after which to evaluate: every `every`-th, and the last."""
+    if every < 1:
+        raise ValueError(f"train.eval_every must be >= 1, got {every}")
+    return sorted({e for e in range(every, epochs + 1, every)} | {epochs})
+
+
 def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True) -> dict:
     """Trains (resuming if a backup exists), writes results.json, exports b0."""
     exp = build_experiment(data_dir, training=True)
@@ -202,6 +219,7 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
         exp.train_ds,
         epochs=train_cfg.epochs,
         validation_data=exp.eval_ds if evaluate else None,
+        validation_freq=evaluation_epochs(train_cfg.epochs, train_cfg.eval_every),
         callbacks=callbacks,
         verbose=train_cfg.verbose,
     )

@@ -3,6 +3,7 @@
 What it builds, in order:
 
     TFDS records -> decode (TFDS) -> (uint8 image, int32 label) -> [take]
+    -> [label corruption, keyed by the example's position in the split]
     -> [resize] -> [cache decoded uint8 in memory]
     -> training only: shuffle (seeded, reshuffled every epoch)
                       -> zip with a per-element random key
@@ -214,6 +215,28 @@ def _pad_crop_flip(image: tf.Tensor, key: tf.Tensor, padding: int) -> tf.Tensor:
     return image
 
 
+def corrupt_label(
+    label: tf.Tensor, index: tf.Tensor, rate: float, num_classes: int, seed: int
+) -> tf.Tensor:
+    """Label corruption of Appendix E for one example, a pure function of (seed, index).
+
+    The example is picked with probability `rate` (so a fraction `rate` of
+    the split is picked, up to binomial noise) and its label is replaced by
+    one drawn uniformly from all `num_classes` classes (the draw may hit the
+    true class, as in Zhang et al. 2017, whose protocol the supplement uses).
+    Keyed by the example's index in the split rather than by a stateful RNG,
+    an example's corrupted label is the same in every epoch, after a resume
+    and in every process of a multi-worker run.
+    """
+    index = tf.cast(index, tf.int64)
+    seed = tf.constant(seed, tf.int64)
+    pick = tf.random.stateless_uniform([], seed=tf.stack([seed, 2 * index]))
+    new = tf.random.stateless_uniform(
+        [], seed=tf.stack([seed, 2 * index + 1]), maxval=num_classes, dtype=tf.int32
+    )
+    return tf.where(pick < rate, new, tf.cast(label, tf.int32))
+
+
 def _default_shuffle_buffer(num_examples: int, image_shape: tuple) -> int:
     if num_examples <= 0:  # unknown cardinality
         return _LARGE_SHUFFLE_BUFFER
@@ -241,6 +264,8 @@ def make_dataset(
     shuffle_buffer: Optional[int] = None,
     drop_remainder: Optional[bool] = None,
     padding: int = 4,
+    label_noise: float = 0.0,
+    label_noise_seed: int = 0,
 ) -> tf.data.Dataset:
     """Batched `(images float32 [B, H, W, 3] normalised, labels int32 [B])`.
 
@@ -260,6 +285,11 @@ def make_dataset(
       shuffle_buffer: default the whole split if it is small (<= 1 GiB).
       drop_remainder: default `training`.
       padding: zero pixels added on each side before the random crop.
+      label_noise: fraction of labels to corrupt (Appendix E; see
+        `corrupt_label`); 0 keeps every label. Corruption depends on the
+        example's position in the split, so the split is read in its
+        fixed file order whenever it is on.
+      label_noise_seed: which examples are corrupted, and to what.
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared under data_dir.
@@ -269,9 +299,11 @@ def make_dataset(
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
     mean, std = stats_lib.channel_stats(name, mean, std)
     builder = _builder(name, data_dir)
-    shape, _ = _check_features(builder)
+    shape, num_classes = _check_features(builder)
     hw = _image_hw(image_size)
     if hw is None and (shape[0] is None or shape[1] is None):
         raise ValueError(
@@ -286,7 +318,8 @@ def make_dataset(
     )
     ds = builder.as_dataset(
         split=split,
-        shuffle_files=training and not cache,  # cache freezes the file order
+        # The cache freezes the file order anyway; corruption needs it fixed.
+        shuffle_files=training and not cache and not label_noise,
         read_config=read_config,
     )
 
@@ -301,6 +334,14 @@ def make_dataset(
     ds = ds.map(to_pair, num_parallel_calls=AUTOTUNE)
     if take is not None:
         ds = ds.take(take)
+    if label_noise:
+        ds = ds.enumerate().map(
+            lambda i, xy: (
+                xy[0],
+                corrupt_label(xy[1], i, label_noise, num_classes, label_noise_seed),
+            ),
+            num_parallel_calls=AUTOTUNE,
+        )
     if hw is not None:
         ds = ds.map(lambda x, y: (_resize_uint8(x, hw), y), num_parallel_calls=AUTOTUNE)
     if cache:
