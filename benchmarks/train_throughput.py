@@ -1,40 +1,120 @@
-"""Training-step throughput of baseline, DSL and DHM, measured side by side.
+"""Training-step throughput of baseline, DSL and DHM, the input pipeline, and serving latency.
 
-The machine is shared and noisy, so the three modes are timed in interleaved
-rounds within one process and the ratios use the median of the rounds:
+The machine is shared and noisy, so everything is timed in interleaved rounds
+within one process and the ratios use the median of the rounds:
 
     .venv/bin/python benchmarks/train_throughput.py --model resnet32 --batch 128 --rounds 5
 
-Prints images/s per mode and the ratios DHM/DSL (cost of the mimicking terms)
-and DSL/baseline (cost of the branches). Synthetic input: this measures the
-model step, not the input pipeline.
+Prints, side by side:
+
+* images/s of the baseline, DSL and DHM training steps on synthetic input
+  (the model step alone), and the ratios DHM/DSL (cost of the mimicking terms)
+  and DSL/baseline (cost of the branches);
+* images/s of the real input pipeline (`dhm_keras.data.make_dataset` on the
+  committed CIFAR-10 sample, training split, cached, augmented, batch
+  `--batch`) over DHM's step images/s: the pipeline must keep the model fed
+  (target >= 3);
+* latency of the exported B0 SavedModel (`DHMModel.main_branch()` through
+  `official.core.export.export_image_classifier`) over a plain backbone built
+  with mode='baseline' exported and served the same way, at batch 1 and
+  `--batch` (target <= 1.02: the branches cost nothing at inference);
+* with `--bf16`: DHM step images/s under mixed_bfloat16 over float32 (slow on
+  CPUs without native bfloat16 kernels: off by default);
+* with `--xla`: DHM step images/s with jit_compile=True over the default.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 import official  # noqa: E402,F401  (CPU defaults before TensorFlow loads)
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from dhm_keras import data as data_lib  # noqa: E402
 from dhm_keras import models  # noqa: E402
 from dhm_keras.model import DHMModel  # noqa: E402
-from official.modeling import optimization  # noqa: E402
+from official.core import export as export_lib  # noqa: E402
+from official.modeling import optimization, performance  # noqa: E402
+
+DATASET = "cifar10_jpeg"
+DATA_DIR = str(REPO_ROOT / "quickstart_data")
 
 
-def compiled_model(name, mode, num_classes, jit_compile):
-    keras.utils.set_random_seed(0)
-    model = DHMModel(models.build(name, num_classes, mode=mode), mode=mode)
-    model.compile(optimizer=optimization.L2SGD(0.01, l2=1e-4), jit_compile=jit_compile)
+def compiled_model(name, mode, num_classes, jit_compile, precision="float32"):
+    performance.set_precision_policy(precision)
+    try:
+        keras.utils.set_random_seed(0)
+        model = DHMModel(models.build(name, num_classes, mode=mode), mode=mode)
+        model.compile(optimizer=optimization.L2SGD(0.01, l2=1e-4), jit_compile=jit_compile)
+    finally:
+        performance.set_precision_policy("float32")
     return model
+
+
+def pipeline(batch):
+    return data_lib.make_dataset(
+        DATASET, "train", data_dir=DATA_DIR, global_batch_size=batch, training=True, seed=0, cache=True
+    )
+
+
+def time_epoch(dataset) -> float:
+    """images/s of one pass over `dataset` (nothing but the pipeline runs)."""
+    start, images = time.perf_counter(), 0
+    for x, _ in dataset:
+        images += int(x.shape[0])
+    return images / (time.perf_counter() - start)
+
+
+def exported_servers(model_name, num_classes, export_root):
+    """{"B0 of DHM": fn, "baseline": fn}: serving_default of two SavedModels."""
+    mean, std = data_lib.channel_stats(DATASET)
+    preprocess = lambda pixels: data_lib.normalize(pixels, mean, std)  # noqa: E731
+    keras.utils.set_random_seed(0)
+    dhm = DHMModel(models.build(model_name, num_classes, mode="dhm"), mode="dhm")
+    plain = models.build(model_name, num_classes, mode="baseline")
+    # The same call path for both: input -> b0 logits, exported and reloaded.
+    candidates = {
+        "B0 of DHM": dhm.main_branch(),
+        "baseline": keras.Model(plain.inputs, plain.output["b0"], name="baseline"),
+    }
+    servers = {}
+    for label, model in candidates.items():
+        path = export_lib.export_image_classifier(
+            model, os.path.join(export_root, label.replace(" ", "_")), (32, 32, 3), preprocess
+        )
+        loaded = tf.saved_model.load(path)
+        servers[label] = (loaded, loaded.signatures["serving_default"])
+    counts = {label: sum(int(np.prod(v.shape)) for v in s[0].variables) for label, s in servers.items()}
+    return {label: s[1] for label, s in servers.items()}, counts
+
+
+def latency_ms(servers: dict, images, calls) -> dict:
+    """Median wall time of one call per server, in ms. Calls alternate between servers,
+    in an order reversed every call, so load changes on the shared machine hit all alike."""
+    times = {label: [] for label in servers}
+    labels = list(servers)
+    for i in range(calls):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            start = time.perf_counter()
+            servers[label](images=images)["logits"].numpy()
+            times[label].append(time.perf_counter() - start)
+    return {label: 1000.0 * statistics.median(t) for label, t in times.items()}
+
+
+def fmt(values, digits=1):
+    return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
 def main():
@@ -45,6 +125,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also time DHM under mixed_bfloat16")
+    parser.add_argument("--xla", action="store_true", help="also time DHM with jit_compile=True")
+    parser.add_argument("--latency_calls", type=int, default=20, help="batch-1 calls per round")
     args = parser.parse_args()
 
     images = tf.random.normal((args.batch, 32, 32, 3))
@@ -52,21 +135,67 @@ def main():
     data = tf.data.Dataset.from_tensors((images, labels)).repeat(args.steps)
     modes = ("baseline", "dsl", "dhm")
     compiled = {m: compiled_model(args.model, m, args.classes, args.jit_compile) for m in modes}
+    if args.bf16:
+        compiled["dhm bf16"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile, "mixed_bfloat16")
+    if args.xla:
+        compiled["dhm xla"] = compiled_model(args.model, "dhm", args.classes, True)
     for model in compiled.values():  # trace and warm up outside the timed rounds
         model.fit(data.take(2), verbose=0)
-    rates = {m: [] for m in modes}
+
+    train_ds = pipeline(args.batch)
+    time_epoch(train_ds)  # first pass decodes the JPEGs and fills the cache
+    export_root = tempfile.mkdtemp(prefix="dhm_bench_export_")
+    servers, params = exported_servers(args.model, args.classes, export_root)
+    rng = np.random.default_rng(0)
+    serve_inputs = {
+        n: tf.constant(rng.integers(0, 256, (n, 32, 32, 3)), tf.uint8) for n in sorted({1, args.batch})
+    }
+    for serve in servers.values():  # warm up
+        for x in serve_inputs.values():
+            serve(images=x)
+
+    rates = {m: [] for m in compiled}
+    input_rates = []
+    latency = {(label, n): [] for label in servers for n in serve_inputs}
     for _ in range(args.rounds):
-        for mode in modes:
+        for mode, model in compiled.items():
             start = time.perf_counter()
-            compiled[mode].fit(data, verbose=0)
+            model.fit(data, verbose=0)
             rates[mode].append(args.steps * args.batch / (time.perf_counter() - start))
+        input_rates.append(time_epoch(train_ds))
+        for n, x in serve_inputs.items():
+            calls = args.latency_calls if n == 1 else max(4, args.latency_calls // 2)
+            for label, ms in latency_ms(servers, x, calls).items():
+                latency[(label, n)].append(ms)
+
     median = {m: statistics.median(r) for m, r in rates.items()}
     print(f"{args.model}, batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps, "
           f"jit_compile={args.jit_compile}, devices={[d.name for d in tf.config.list_logical_devices()]}")
     for mode in modes:
-        print(f"  {mode:9s} {median[mode]:8.1f} images/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[mode])})")
+        print(f"  {mode:9s} {median[mode]:8.1f} images/s  (rounds: {fmt(rates[mode])})")
     print(f"  ratio DHM/DSL throughput      {median['dhm'] / median['dsl']:.3f}")
     print(f"  ratio DSL/baseline throughput {median['dsl'] / median['baseline']:.3f}")
+
+    input_median = statistics.median(input_rates)
+    print(f"input pipeline ({DATASET} train, {args.batch}/batch, cached, augmented):")
+    print(f"  pipeline  {input_median:8.1f} images/s  (rounds: {fmt(input_rates)})")
+    print(f"  ratio pipeline/DHM step       {input_median / median['dhm']:.2f}  (target >= 3)")
+
+    print(f"serving latency, serving_default of reloaded SavedModels "
+          f"(params: {', '.join(f'{k} {v:,}' for k, v in params.items())}):")
+    for n in serve_inputs:
+        b0 = statistics.median(latency[("B0 of DHM", n)])
+        base = statistics.median(latency[("baseline", n)])
+        print(f"  batch {n:3d}: B0 of DHM {b0:8.2f} ms, baseline {base:8.2f} ms, "
+              f"ratio {b0 / base:.3f}  (target <= 1.02; rounds B0: {fmt(latency[('B0 of DHM', n)], 2)}; "
+              f"baseline: {fmt(latency[('baseline', n)], 2)})")
+
+    if args.bf16:
+        print(f"  dhm bf16  {median['dhm bf16']:8.1f} images/s  (rounds: {fmt(rates['dhm bf16'])})")
+        print(f"  ratio DHM mixed_bfloat16/float32 {median['dhm bf16'] / median['dhm']:.3f}")
+    if args.xla:
+        print(f"  dhm xla   {median['dhm xla']:8.1f} images/s  (rounds: {fmt(rates['dhm xla'])})")
+        print(f"  ratio DHM jit_compile=True/{args.jit_compile} {median['dhm xla'] / median['dhm']:.3f}")
 
 
 if __name__ == "__main__":

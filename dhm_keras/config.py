@@ -47,6 +47,8 @@ class DatasetConfig:
     # Evaluation: resize the shorter side to `eval_resize` and centre-crop
     # image_size (ImageNet: 256 -> 224); None resizes straight to image_size.
     eval_resize: Optional[int] = None
+    # Re-ID only: random erasing probability (Zhong et al.), 0 = off.
+    random_erasing: float = 0.0
 
 
 @gin.configurable("model")
@@ -57,6 +59,9 @@ class ModelConfig:
     name: str = "resnet32"
     mode: str = "dhm"
     overrides: Optional[dict] = None
+    # The class count is read from the dataset; setting it here states an
+    # expectation, and a dataset with another count is refused early.
+    num_classes: Optional[int] = None
 
 
 @gin.configurable("mimicking")
@@ -91,3 +96,19 @@ class TrainConfig:
     # a large test split can cost as much as an epoch of a small train split).
     eval_every: int = 1
     verbose: int = 1
+
+
+@gin.configurable("diagnostics")
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Measurements that leave training unchanged (kept out of config.json, so
+    turning them on never makes a model_dir "another experiment").
+
+    ``gradient_consistency_every``: every N optimizer steps (0 = off), the
+    cosine between the cross-entropy gradients of each auxiliary head and of
+    b0 on their shared backbone (Appendix C), on the first evaluation batch;
+    TensorBoard ``gradient_cosine/bK`` in logs/train (see
+    `dhm_keras.analysis.gradient_consistency`).
+    """
+
+    gradient_consistency_every: int = 0

@@ -1,9 +1,12 @@
 """Command-line entry point: ``python -m dhm_keras.main --gin_file=... --model_dir=...``.
 
 Flags choose what to run and where; Gin files (``gin/``) choose the
-experiment. Errors a user can fix (a misspelled Gin binding, a missing
-dataset, a model_dir of another run) are reported as one line with a non-zero
-exit code; ``--debug`` shows the full traceback.
+experiment. Errors a user can fix are reported as one line (``error:
+<Class>: <what and how to fix>``) with a non-zero exit code: 2 for
+configuration (a misspelled Gin binding or file, a missing dataset, class
+count or image size mismatches, a model_dir of another run), 3 for a run
+stopped by a NaN/inf loss, 4 for corrupt input data (see
+`dhm_keras.errors`); ``--debug`` shows the full traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
+from dhm_keras.errors import UserError
 from official.common import flags as common_flags
 
 common_flags.define_flags()
@@ -37,7 +41,10 @@ def parse_gin(gin_files, gin_params) -> None:
     for path in gin_files:
         if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_ROOT, path)):
             raise FileNotFoundError(f"Gin file not found: {path}")
-    gin.parse_config_files_and_bindings(gin_files, gin_params)
+    try:
+        gin.parse_config_files_and_bindings(gin_files, gin_params)
+    except OSError as e:  # an `include` that names a missing file
+        raise FileNotFoundError(" ".join(str(e).split())) from e
 
 
 def run(argv) -> dict:
@@ -57,12 +64,12 @@ def run(argv) -> dict:
 def main(argv) -> None:
     try:
         result = run(argv)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (UserError, ValueError, FileNotFoundError, KeyError) as error:
         if FLAGS.debug:
             raise
         message = str(error).strip().splitlines()
         print(f"error: {type(error).__name__}: {' '.join(message)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))
     summary = {k: result[k] for k in ("best", "last", "export", "metrics") if k in result}
     logging.info("done: %s", json.dumps(summary))
     print(json.dumps(summary, indent=2))

@@ -8,6 +8,15 @@ all-pairs mimicking KL (see `dhm_keras.losses`). It works under any
 number of replicas (what Keras 3's built-in losses do internally), so the
 summed gradients do not depend on the replica count.
 
+Mixed precision: the heads' logits are cast to float32 before any loss or
+metric, so the cross-entropy and mimicking math never runs in float16/bfloat16.
+Under ``mixed_float16`` Keras wraps the optimizer in a `LossScaleOptimizer`,
+whose overflow test looks only at replica 0's gradients under
+`tf.distribute` (keras3-notes.md); `train_step` therefore all-reduces a
+"some gradient is non-finite" count first and, if any replica overflowed,
+makes every replica's gradients NaN, so that every replica (and every worker)
+skips the step and halves the loss scale identically.
+
 Bernoulli branch sampling (Appendix D) is a per-head weight vector held in a
 non-trainable variable; `BernoulliBranchSampler` sets it at the start of each
 epoch from ``(seed, epoch)`` alone, so the draw is reproducible and a resumed
@@ -36,6 +45,42 @@ def scale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:
     return loss if replicas == 1 else loss * (1.0 / replicas)
 
 
+def all_finite_across_replicas(gradients) -> tf.Tensor:
+    """Scalar bool: every gradient on EVERY replica is finite.
+
+    Each replica counts whether its own (un-reduced) gradients hold an inf or
+    NaN; the counts are summed over all replicas (and workers), so every
+    replica gets the same answer. Outside a multi-replica context it is the
+    local test.
+    """
+    tensors = [g.values if isinstance(g, tf.IndexedSlices) else g for g in gradients if g is not None]
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in tensors]))
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return finite
+    bad = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+    return tf.equal(bad, 0.0)
+
+
+def poison_unless(finite: tf.Tensor, gradients) -> list:
+    """`gradients` unchanged where `finite`, else all NaN (so the step is skipped).
+
+    Adding 0.0 leaves a finite gradient's value unchanged; adding NaN makes every
+    replica's gradients non-finite, which `LossScaleOptimizer` turns into a
+    skipped step and a halved scale whichever replica it looks at.
+    """
+    offset = tf.where(finite, 0.0, float("nan"))
+
+    def poison(g):
+        if g is None:
+            return None
+        if isinstance(g, tf.IndexedSlices):
+            return tf.IndexedSlices(g.values + tf.cast(offset, g.dtype), g.indices, g.dense_shape)
+        return g + tf.cast(offset, g.dtype)
+
+    return [poison(g) for g in gradients]
+
+
 def sample_branch_mask(
     seed: int, epoch: int, branches: Sequence[str], probability: float
 ) -> dict[str, float]:
@@ -59,6 +104,32 @@ def _output_dict(network: keras.Model) -> dict:
     return outputs
 
 
+def _multi_worker() -> bool:
+    strategy = tf.distribute.get_strategy()
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
+def _reducible_logs(logs: dict) -> dict:
+    """Scalar logs as shape [1] under multi-worker training, else unchanged.
+
+    Keras 3.15 averages a step's logs over workers with
+    `strategy.reduce("MEAN", value, axis=0)` (backend/tensorflow/trainer.py,
+    `reduce_per_replica`), which rejects a scalar: "Invalid reduction dimension
+    0 for input with 0 dimensions" (keras-team/keras#20585). A length-1 vector
+    reduces to the same scalar mean over replicas.
+    """
+    if not _multi_worker():
+        return logs
+    return {k: tf.reshape(v, [1]) if v.shape.rank == 0 else v for k, v in logs.items()}
+
+
+def _float32(logits: dict) -> dict:
+    """Heads' logits in float32 (a no-op for the builder's float32 classifiers)."""
+    return {h: tf.cast(z, tf.float32) for h, z in logits.items()}
+
+
 class DHMModel(keras.Model):
     """Trains a multi-head network with the DHM (or DSL / baseline) objective.
 
@@ -69,6 +140,9 @@ class DHMModel(keras.Model):
       bernoulli_p: if set, auxiliary branches take part in mimicking with this
         probability per epoch (needs `BernoulliBranchSampler` in the callbacks).
       top_k: the k of the second accuracy metric (top-5 by default).
+      cross_replica_finite_check: with a `LossScaleOptimizer` (mixed_float16)
+        and several replicas, skip a step on every replica when ANY replica's
+        gradients overflow (see module doc). Only a test turns it off.
     """
 
     def __init__(
@@ -80,6 +154,7 @@ class DHMModel(keras.Model):
         epsilon: float = 0.0,
         bernoulli_p: Optional[float] = None,
         top_k: int = 5,
+        cross_replica_finite_check: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -93,6 +168,7 @@ class DHMModel(keras.Model):
         self.alpha = float(alpha)
         self.epsilon = float(epsilon)
         self.bernoulli_p = bernoulli_p
+        self.cross_replica_finite_check = bool(cross_replica_finite_check)
         outputs = _output_dict(network)
         self.heads = losses.ordered_heads(outputs)
         self.trained_heads = ["b0"] if mode == "baseline" else self.heads
@@ -127,6 +203,31 @@ class DHMModel(keras.Model):
     # -- Keras plumbing -------------------------------------------------------
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' pre-fit build, made to work under MultiWorkerMirroredStrategy.
+
+        Keras 3.15 (backend/tensorflow/trainer.py) takes the first distributed
+        batch and passes the whole (images, labels) tuple to one
+        `strategy.reduce("MEAN", ...)`: MirroredStrategy maps over the tuple,
+        MultiWorkerMirroredStrategy does not and fails ("Attempt to convert a
+        value (PerReplica...)"; keras-team/keras#20585). The build only needs
+        shapes and dtypes, so this takes the first local replica's batch
+        instead: the same shapes, and no collective op outside the step.
+        """
+        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+            strategy = self._distribute_strategy
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues)
+                    else v,
+                    batch,
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     @property
     def metrics(self):
@@ -172,27 +273,37 @@ class DHMModel(keras.Model):
         logs.update({name: m.result() for name, m in self._accuracies.items()})
         return logs
 
+    def _needs_finite_check(self) -> bool:
+        """Decided while tracing: loss scaling is on and several replicas train."""
+        return (
+            self.cross_replica_finite_check
+            and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+            and tf.distribute.get_strategy().num_replicas_in_sync > 1
+        )
+
     def train_step(self, data):
         images, labels = data[0], data[1]
         with tf.GradientTape() as tape:
-            logits = self.network(images, training=True)
+            logits = _float32(self.network(images, training=True))
             total, ce, pairs = self._objective(labels, logits, use_mask=True)
             scaled = self.optimizer.scale_loss(scale_loss_for_distribution(total))
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
+        if self._needs_finite_check():
+            gradients = poison_unless(all_finite_across_replicas(gradients), gradients)
         self.optimizer.apply(gradients, variables)
         logs = self._update_metrics(labels, logits, total, ce, pairs)
         if self.bernoulli_p is not None:  # this epoch's draw, for TensorBoard
             for i, head in enumerate(self.heads):
                 if head != "b0":
                     logs[f"active/{head}"] = self.head_weights[i]
-        return logs
+        return _reducible_logs(logs)
 
     def test_step(self, data):
         images, labels = data[0], data[1]
-        logits = self.network(images, training=False)
+        logits = _float32(self.network(images, training=False))
         total, ce, pairs = self._objective(labels, logits, use_mask=False)
-        return self._update_metrics(labels, logits, total, ce, pairs)
+        return _reducible_logs(self._update_metrics(labels, logits, total, ce, pairs))
 
     def main_branch(self) -> keras.Model:
         """The deployable network: input -> b0 logits, sharing the trained layers."""

@@ -17,7 +17,9 @@ Model-directory layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -31,15 +33,17 @@ from absl import logging
 from dhm_keras import callbacks as dhm_callbacks
 from dhm_keras import config as cfg
 from dhm_keras import data as data_lib
+from dhm_keras import errors
 from dhm_keras import models
+from dhm_keras.data import reid as reid_data
+from dhm_keras.evaluation import reid as reid_eval
 from dhm_keras.model import BernoulliBranchSampler, DHMModel
 from official.common import distribute
 from official.core import export as export_lib
 from official.modeling import optimization, performance
 
 
-class ConfigMismatchError(ValueError):
-    """The model directory holds a run of a different configuration."""
+ConfigMismatchError = errors.ConfigMismatchError  # re-exported: callers catch it here
 
 
 @dataclasses.dataclass
@@ -53,6 +57,7 @@ class Experiment:
     eval_ds: tf.data.Dataset
     image_shape: tuple
     config: dict
+    gallery_ds: Optional[tf.data.Dataset] = None  # re-ID: eval_ds is the query split
 
 
 def current_config(data_dir: Optional[str] = None) -> dict:
@@ -94,6 +99,108 @@ def check_model_dir(model_dir: str, config: dict) -> None:
         )
 
 
+def check_class_count(expected: Optional[int], info: data_lib.DatasetInfo) -> None:
+    """`model.num_classes`, when set, must be the dataset's class count."""
+    if expected is not None and int(expected) != info.num_classes:
+        raise errors.ClassCountError(
+            f"model.num_classes = {expected} but dataset {info.name} has "
+            f"{info.num_classes} classes; fix model.num_classes or dataset.name"
+        )
+
+
+def check_image_size(image_size) -> Optional[tuple]:
+    """`dataset.image_size` is None or two positive ints (H, W)."""
+    if image_size is None:
+        return None
+    try:
+        size = tuple(int(v) for v in image_size)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise errors.ImageSizeError(
+            f"dataset.image_size must be (height, width) with positive ints, got {image_size!r}"
+        )
+    return size
+
+
+def build_network(model_cfg: cfg.ModelConfig, num_classes: int, image_shape: tuple) -> keras.Model:
+    """The multi-head functional network; images too small for it are a clear error."""
+    try:
+        return models.build(
+            model_cfg.name,
+            num_classes,
+            mode=model_cfg.mode,
+            input_shape=image_shape,
+            **(model_cfg.overrides or {}),
+        )
+    except ValueError as e:
+        if "size would be zero or negative" not in str(e):
+            raise
+        raise errors.ImageSizeError(
+            f"{image_shape[0]}x{image_shape[1]} images are too small for {model_cfg.name}: "
+            "its feature maps shrink to nothing; use a larger dataset.image_size"
+        ) from e
+
+
+def build_datasets(
+    dataset: cfg.DatasetConfig,
+    train: cfg.TrainConfig,
+    data_dir: Optional[str],
+    image_size: tuple,
+    training: bool,
+    reid: bool,
+) -> tuple:
+    """(train, eval, gallery) datasets; gallery is None except for re-ID.
+
+    Classification reads TFDS (`dhm_keras.data.make_dataset`); person re-ID
+    reads the Market-1501/DukeMTMC folder layout, where evaluation is
+    retrieval of the query split against the gallery split.
+    """
+    if dataset.label_noise and reid:
+        raise ValueError("dataset.label_noise is not supported for re-ID datasets")
+    if dataset.random_erasing and not reid:
+        raise ValueError("dataset.random_erasing is only supported for re-ID datasets")
+    common = dict(
+        data_dir=data_dir,
+        global_batch_size=train.batch_size,
+        seed=train.seed,
+        image_size=tuple(image_size),
+        cache=dataset.cache,
+        mean=dataset.mean,
+        std=dataset.std,
+    )
+    if reid:
+        make = functools.partial(reid_data.make_reid_dataset, dataset.name, **common)
+        train_ds = (
+            make(dataset.train_split, training=True, padding=dataset.padding, random_erasing=dataset.random_erasing)
+            if training
+            else None
+        )
+        return train_ds, make(dataset.eval_split, training=False), make("gallery", training=False)
+    # augmentation acts on the training split only, eval_resize on evaluation.
+    make = functools.partial(
+        data_lib.make_dataset,
+        dataset.name,
+        augmentation=dataset.augmentation,
+        eval_resize=dataset.eval_resize,
+        **common,
+    )
+    train_ds = (
+        make(
+            dataset.train_split,
+            training=True,
+            padding=dataset.padding,
+            label_noise=dataset.label_noise,
+            label_noise_seed=(
+                train.seed if dataset.label_noise_seed is None else dataset.label_noise_seed
+            ),
+        )
+        if training
+        else None
+    )
+    return train_ds, make(dataset.eval_split, training=False), None
+
+
 def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> Experiment:
     """Builds strategy, datasets and the compiled DHM model from the Gin config."""
     config = current_config(data_dir)
@@ -109,47 +216,26 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
     performance.set_precision_policy()
     strategy = distribute.get_strategy()
 
-    info = data_lib.dataset_info(dataset.name, data_dir)
-    image_size = tuple(dataset.image_size) if dataset.image_size else None
+    reid = reid_data.is_reid_dataset(dataset.name)
+    info = (
+        reid_data.reid_info(dataset.name, data_dir)
+        if reid
+        else data_lib.dataset_info(dataset.name, data_dir)
+    )
+    check_class_count(model_cfg.num_classes, info)
+    image_size = check_image_size(dataset.image_size)
     image_shape = (*(image_size or info.image_shape[:2]), 3)
     if None in image_shape:
-        raise ValueError(
-            f"dataset {dataset.name} has images of varying size; set dataset.image_size"
+        raise errors.ImageSizeError(
+            f"dataset {dataset.name} has images of varying size {info.image_shape}; "
+            "set dataset.image_size = (H, W)"
         )
-    common = dict(
-        data_dir=data_dir,
-        global_batch_size=train.batch_size,
-        seed=train.seed,
-        image_size=image_size,
-        cache=dataset.cache,
-        mean=dataset.mean,
-        std=dataset.std,
+    train_ds, eval_ds, gallery_ds = build_datasets(
+        dataset, train, data_dir, image_shape[:2], training, reid
     )
-    train_ds = (
-        data_lib.make_dataset(
-            dataset.name,
-            dataset.train_split,
-            training=True,
-            padding=dataset.padding,
-            label_noise=dataset.label_noise,
-            label_noise_seed=(
-                train.seed if dataset.label_noise_seed is None else dataset.label_noise_seed
-            ),
-            **common,
-        )
-        if training
-        else None
-    )
-    eval_ds = data_lib.make_dataset(dataset.name, dataset.eval_split, training=False, **common)
 
     with strategy.scope():
-        network = models.build(
-            model_cfg.name,
-            info.num_classes,
-            mode=model_cfg.mode,
-            input_shape=image_shape,
-            **(model_cfg.overrides or {}),
-        )
+        network = build_network(model_cfg, info.num_classes, image_shape)
         model = DHMModel(
             network,
             mode=model_cfg.mode,
@@ -163,7 +249,7 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
             optimizer=optimization.build_sgd(steps_per_epoch=steps_per_epoch),
             jit_compile=performance.resolve_jit_compile(train.jit_compile, strategy),
         )
-    return Experiment(strategy, info, model, train_ds, eval_ds, image_shape, config)
+    return Experiment(strategy, info, model, train_ds, eval_ds, image_shape, config, gallery_ds)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -203,9 +289,19 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
 
     callbacks = [
         # First, so every other callback sees the restored epoch and weights.
-        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup"), double_checkpoint=True),
+        # A non-chief worker backs up to a private copy, never into model_dir.
+        keras.callbacks.BackupAndRestore(
+            distribute.worker_backup_dir(os.path.join(model_dir, "backup"), exp.strategy),
+            double_checkpoint=True,
+        ),
         BernoulliBranchSampler(train_cfg.seed),
+        dhm_callbacks.NonFiniteLossGuard(os.path.join(model_dir, "checkpoints")),
     ]
+    if exp.gallery_ds is not None and evaluate:
+        # Before the writers, so that they see val_rank1, val_mAP, ...
+        callbacks.append(
+            reid_eval.RetrievalEvaluator(exp.eval_ds, exp.gallery_ds, every=train_cfg.eval_every)
+        )
     if chief:
         callbacks += [
             keras.callbacks.ModelCheckpoint(
@@ -215,14 +311,30 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
             keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
             dhm_callbacks.ResultsWriter(model_dir, train_cfg.epochs, exp.config),
         ]
-    exp.model.fit(
-        exp.train_ds,
-        epochs=train_cfg.epochs,
-        validation_data=exp.eval_ds if evaluate else None,
-        validation_freq=evaluation_epochs(train_cfg.epochs, train_cfg.eval_every),
-        callbacks=callbacks,
-        verbose=train_cfg.verbose,
-    )
+        every = cfg.DiagnosticsConfig().gradient_consistency_every
+        if every > 0 and exp.model.branches:
+            from dhm_keras.analysis.gradient_consistency import GradientConsistency
+
+            callbacks.append(
+                GradientConsistency(
+                    exp.eval_ds.take(1),
+                    every_n_steps=every,
+                    log_dir=os.path.join(model_dir, "logs", "train"),
+                )
+            )
+    with input_errors_are_clear("training or evaluation"):
+        exp.model.fit(
+            distribute.shard_by_data(exp.train_ds),
+            epochs=train_cfg.epochs,
+            validation_data=(
+                distribute.shard_by_data(exp.eval_ds)
+                if evaluate and exp.gallery_ds is None
+                else None
+            ),
+            validation_freq=evaluation_epochs(train_cfg.epochs, train_cfg.eval_every),
+            callbacks=callbacks,
+            verbose=train_cfg.verbose,
+        )
     if not chief:
         return {}
     with open(results_path) as f:
@@ -239,18 +351,127 @@ def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
             f"no checkpoint to load: {checkpoint or os.path.join(model_dir, 'checkpoints')} "
             "(train first, or pass --checkpoint=<file.weights.h5>)"
         )
-    exp.model.load_weights(checkpoint)
+    try:
+        exp.model.load_weights(checkpoint)
+    except ValueError as e:
+        # Keras names the first variable whose shape differs; add what most
+        # likely caused it. Only classifiers depend on the class count.
+        detail = " ".join(str(e).split())[:300]
+        raise errors.ClassCountError(
+            f"checkpoint {checkpoint} does not fit model {exp.config['model']['name']} "
+            f"({exp.config['model']['mode']}) with {exp.info.num_classes} classes of "
+            f"dataset {exp.info.name}: was it trained on another dataset or model? ({detail})"
+        ) from e
     return checkpoint
 
 
+def is_saved_model(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def latest_export(model_dir: str) -> Optional[str]:
+    base = os.path.join(model_dir, "export")
+    versions = export_lib.next_version(base) - 1
+    return os.path.join(base, str(versions)) if versions > 0 else None
+
+
+@contextlib.contextmanager
+def input_errors_are_clear(what: str):
+    """Turns tf.data's errors on unreadable records into `CorruptInputError`.
+
+    TFRecord readers check a CRC per record (DataLossError); image decoders
+    fail with InvalidArgumentError naming the codec. Either way the user
+    needs to know it is the data, not the code.
+    """
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        raise errors.CorruptInputError(
+            f"corrupt record in the {what} data: {e.message.splitlines()[0]} "
+            "(re-create or re-download the dataset; TFDS checks record checksums)"
+        ) from e
+    except tf.errors.InvalidArgumentError as e:
+        message = e.message.lower()
+        if not any(w in message for w in ("decode", "jpeg", "png", "image", "record")):
+            raise
+        raise errors.CorruptInputError(
+            f"undecodable record in the {what} data: {e.message.splitlines()[0]}"
+        ) from e
+
+
 def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optional[str] = None) -> dict:
-    """Per-head top-1/top-5 of a checkpoint on the eval split; writes eval.json."""
-    exp = build_experiment(data_dir, training=False)
-    checkpoint = _restore(exp, model_dir, checkpoint)
-    metrics = exp.model.evaluate(exp.eval_ds, return_dict=True, verbose=cfg.TrainConfig().verbose)
-    result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
+    """Top-1/top-5 on the eval split; writes model_dir/eval.json.
+
+    `checkpoint` may be a `.weights.h5` file (every head is scored) or an
+    export directory `<model_dir>/export/<version>` (the served B0 is
+    scored through its `serving_float` signature, i.e. with the
+    preprocessing inside the SavedModel). Default: the latest checkpoint.
+    """
+    if is_saved_model(checkpoint):
+        result = evaluate_export(checkpoint, data_dir)
+    else:
+        exp = build_experiment(data_dir, training=False)
+        checkpoint = _restore(exp, model_dir, checkpoint)
+        with input_errors_are_clear("evaluation"):
+            if exp.gallery_ds is not None:
+                metrics = reid_eval.evaluate_model(
+                    reid_eval.feature_extractor(exp.model.network), exp.eval_ds, exp.gallery_ds
+                )
+            else:
+                metrics = exp.model.evaluate(
+                    exp.eval_ds, return_dict=True, verbose=cfg.TrainConfig().verbose
+                )
+        result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
+    os.makedirs(model_dir, exist_ok=True)
     _write_json(os.path.join(model_dir, "eval.json"), result)
     return result
+
+
+def evaluate_export(export_path: str, data_dir: Optional[str] = None) -> dict:
+    """Scores an exported B0 SavedModel on the Gin-configured eval split."""
+    dataset = cfg.DatasetConfig()
+    data_dir = data_dir or dataset.data_dir
+    served = tf.saved_model.load(export_path).signatures["serving_float"]
+    export_hw = tuple(served.structured_input_signature[1]["images"].shape[1:3])
+    info = data_lib.dataset_info(dataset.name, data_dir)
+    image_size = check_image_size(dataset.image_size) or tuple(info.image_shape[:2])
+    if tuple(image_size) != export_hw:
+        raise errors.ImageSizeError(
+            f"export {export_path} takes {export_hw[0]}x{export_hw[1]} images but the eval "
+            f"split of {dataset.name} gives {image_size[0]}x{image_size[1]}; set "
+            f"dataset.image_size = {export_hw}"
+        )
+    num_classes = int(served.structured_outputs["logits"].shape[-1])
+    if num_classes != info.num_classes:
+        raise errors.ClassCountError(
+            f"export {export_path} predicts {num_classes} classes but dataset "
+            f"{dataset.name} has {info.num_classes}"
+        )
+    # The export normalises itself: feed raw 0..255 pixels (mean 0, std 1/255
+    # makes the pipeline's normalisation the identity, to float rounding).
+    pixels = data_lib.make_dataset(
+        dataset.name,
+        dataset.eval_split,
+        data_dir=data_dir,
+        global_batch_size=cfg.TrainConfig().batch_size,
+        training=False,
+        image_size=image_size,
+        cache=False,
+        mean=(0.0, 0.0, 0.0),
+        std=(1 / 255.0,) * 3,
+    )
+    top1 = top5 = count = 0
+    with input_errors_are_clear("evaluation"):
+        for images, labels in pixels:
+            logits = served(images=tf.clip_by_value(images, 0.0, 255.0))["logits"]
+            labels = tf.cast(labels, tf.int32)
+            top1 += int(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.int32)))
+            top5 += int(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, min(5, num_classes)), tf.int32)))
+            count += int(tf.shape(labels)[0])
+    return {
+        "export": export_path,
+        "metrics": {"top1/b0": top1 / max(count, 1), "top5/b0": top5 / max(count, 1), "examples": count},
+    }
 
 
 def export_main_branch(exp: Experiment, model_dir: str) -> str:

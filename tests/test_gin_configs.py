@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO_ROOT
 from dhm_keras import config as cfg
 from dhm_keras import models
+from dhm_keras.data.reid import is_reid_dataset
 from dhm_keras.main import parse_gin
 
 GIN_FILES = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin").rglob("*.gin"))
@@ -31,6 +32,8 @@ RECIPES = {
                             gamma=0.1, image_size=[224, 224]),
 }
 MODE_NAMES = ("baseline", "dsl", "dhm")
+# Recipes outside the paper's tables: the CPU demonstration and re-identification.
+OTHER_RECIPES = {"gin/demo/noisy5k_recipe.gin", "gin/reid/reid_recipe.gin"}
 
 
 def recipe_of(gin_file):
@@ -77,7 +80,17 @@ def test_tables_2_to_4_files_exist():
     assert "gin/imagenet/resnet18_dhm_b3.gin" in GIN_FILES
     assert {f for f in GIN_FILES if Path(f).stem.endswith("_recipe")} == {
         f"gin/{key}_recipe.gin" for key in RECIPES
-    }
+    } | OTHER_RECIPES
+
+
+def test_corrupt_label_reid_and_demo_files_exist():
+    for mode in ("baseline", "dhm"):
+        for rate in (20, 50):
+            assert f"gin/cifar100/wrn28_10_{mode}_noise{rate}.gin" in GIN_FILES
+    for mode in MODE_NAMES:
+        for dataset in ("market1501", "dukemtmc"):
+            assert f"gin/reid/{dataset}_mobilenet_{mode}.gin" in GIN_FILES
+        assert f"gin/demo/noisy5k_resnet32_{mode}.gin" in GIN_FILES
 
 
 @pytest.mark.parametrize("gin_file", EXPERIMENTS)
@@ -106,8 +119,14 @@ def test_gin_file_parses_and_builds(gin_file):
         assert optimizer.l2 == want["weight_decay"] and optimizer.momentum == 0.9
         assert optimizer.nesterov is False and sched.warmup_epochs == 0
         assert (list(dataset.image_size) if dataset.image_size else None) == want.get("image_size")
+        noise = [v for v in variants if v.startswith("noise")]
+        assert dataset.label_noise == (int(noise[0][5:]) / 100 if noise else 0.0)
     # The dataset name must be one TFDS knows (prepared or not) or a prepared local folder.
-    assert dataset.name in tfds.list_builders() or (REPO_ROOT / (dataset.data_dir or "") / dataset.name).is_dir()
+    assert (
+        dataset.name in tfds.list_builders()
+        or is_reid_dataset(dataset.name)
+        or (REPO_ROOT / (dataset.data_dir or "") / dataset.name).is_dir()
+    )
     input_shape = (*dataset.image_size, 3) if dataset.image_size else None
     branched = model_cfg.mode != "baseline"
     model = built_model(model_cfg.name, branched, tuple(sorted(overrides.items())), input_shape)

@@ -1,6 +1,7 @@
-"""TFDS image-classification input pipeline (CIFAR recipe, any TFDS dataset).
+"""TFDS image-classification input pipeline (CIFAR and ImageNet recipes, any TFDS dataset).
 
-What it builds, in order:
+What it builds, in order. CIFAR path (`augmentation="pad_crop_flip"`, the
+default, and evaluation without `eval_resize`):
 
     TFDS records -> decode (TFDS) -> (uint8 image, int32 label) -> [take]
     -> [label corruption, keyed by the example's position in the split]
@@ -9,6 +10,17 @@ What it builds, in order:
                       -> zip with a per-element random key
                       -> pad `padding` zero pixels, random crop back, random flip
     -> batch by the GLOBAL batch size -> normalise per channel -> prefetch
+
+ImageNet path (training with `augmentation="random_resized_crop"`, or
+evaluation with `eval_resize`; the ops live in `imagenet.py`):
+
+    TFDS records, image NOT decoded (`SkipDecoding`) -> (JPEG/PNG bytes,
+    int32 label) -> [take] -> [label corruption] -> [cache the ENCODED bytes]
+    -> training: shuffle -> zip with a per-element random key
+                 -> draw an Inception crop box from the JPEG header's shape,
+                    decode only that window, resize to image_size, random flip
+    -> evaluation: decode, shorter side to eval_resize, centre crop image_size
+    -> batch -> normalise per channel -> prefetch
 
 Design choices, and why:
 
@@ -32,6 +44,16 @@ Design choices, and why:
 * Caching happens on decoded uint8 images BEFORE augmentation: JPEG decoding
   is paid once (CIFAR-10 train is ~150 MB decoded), augmentation stays fresh.
   Turn `cache` off for datasets that do not fit in memory.
+* On the ImageNet path the cache holds the ENCODED bytes (plus labels),
+  never decoded images: a random-resized crop must see the full-resolution
+  image every epoch, and decoded full-size images are ~4x larger than
+  their JPEGs (ImageNet train: ~140 GB encoded, over 0.5 TB decoded).
+  Caching the bytes saves the disk reads and record parsing and costs
+  exactly the split's size on disk (imagenette full-size-v2: ~1.5 GB, fine;
+  ImageNet: turn `cache` off). Decoding stays per epoch (the crop-aware
+  decode trims it). Evaluation caches bytes too, for one rule on one path
+  (its deterministic 224x224 crops could be cached instead, at 150 KB per
+  image, ~7.5 GB for ImageNet's validation split).
 * The shuffle buffer defaults to the whole split for small datasets (a true
   uniform permutation each epoch, like a PyTorch sampler); larger ones use a
   bounded buffer (see `_default_shuffle_buffer`).
@@ -56,6 +78,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dhm_keras.data import imagenet as imagenet_lib
 from dhm_keras.data import stats as stats_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -66,6 +89,9 @@ _FULL_SHUFFLE_MAX_BYTES = 1 << 30
 _LARGE_SHUFFLE_BUFFER = 10_000
 
 ImageSize = Union[int, Sequence[int]]
+
+# Training augmentations `make_dataset` knows.
+AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop")
 
 
 class DatasetNotFoundError(ValueError):
@@ -193,8 +219,8 @@ def _image_hw(image_size: Optional[ImageSize]) -> Optional[Tuple[int, int]]:
 def _resize_uint8(image: tf.Tensor, hw: Tuple[int, int]) -> tf.Tensor:
     # Antialiased bilinear resize, rounded back to uint8 so that the cache
     # stays 4x smaller than float32 and augmentation pads real pixel values.
-    resized = tf.image.resize(image, hw, method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    # One implementation for both paths (see imagenet.resize_to_uint8).
+    return imagenet_lib.resize_to_uint8(image, hw)
 
 
 def _pad_crop_flip(image: tf.Tensor, key: tf.Tensor, padding: int) -> tf.Tensor:
@@ -266,6 +292,8 @@ def make_dataset(
     padding: int = 4,
     label_noise: float = 0.0,
     label_noise_seed: int = 0,
+    augmentation: str = "pad_crop_flip",
+    eval_resize: Optional[int] = None,
 ) -> tf.data.Dataset:
     """Batched `(images float32 [B, H, W, 3] normalised, labels int32 [B])`.
 
@@ -274,26 +302,39 @@ def make_dataset(
       split: TFDS split spec, slicing included ("train[:5000]", "test").
       data_dir: prepared TFDS directory; default TFDS_DATA_DIR, then TFDS's.
       global_batch_size: examples per step across all replicas.
-      training: shuffle + pad/crop/flip augmentation + drop remainder.
+      training: shuffle + augmentation (see `augmentation`) + drop remainder.
       seed: makes order and augmentation reproducible (also sets
         `deterministic=True`); None draws fresh randomness.
       image_size: int or (H, W) to resize to; default keeps native size
-        (required for datasets with variable image sizes).
+        (required for datasets with variable image sizes). On the ImageNet
+        path it is the crop size, default 224.
       mean, std: RGB in [0, 1] units; default `stats.channel_stats(name)`.
       take: keep only the first `take` examples of the split.
-      cache: keep decoded uint8 images in memory after the first epoch.
+      cache: keep decoded uint8 images in memory after the first epoch
+        (on the ImageNet path: the encoded bytes, see the module docstring).
       shuffle_buffer: default the whole split if it is small (<= 1 GiB).
       drop_remainder: default `training`.
-      padding: zero pixels added on each side before the random crop.
+      padding: zero pixels added on each side before the random crop
+        (`pad_crop_flip` only).
       label_noise: fraction of labels to corrupt (Appendix E; see
         `corrupt_label`); 0 keeps every label. Corruption depends on the
         example's position in the split, so the split is read in its
         fixed file order whenever it is on.
       label_noise_seed: which examples are corrupted, and to what.
+      augmentation: training augmentation, one of `AUGMENTATIONS`:
+        "pad_crop_flip" (CIFAR: zero-pad, random crop back, flip) or
+        "random_resized_crop" (ImageNet: Inception crop of scale 0.08-1 and
+        aspect 3/4-4/3 resized to image_size, flip; decodes only the crop
+        window of JPEGs). Ignored when `training` is False.
+      eval_resize: evaluation only: resize the shorter side to this size
+        (keeping the aspect ratio), then centre-crop image_size (ImageNet:
+        256 -> 224). None (default) resizes straight to image_size, if given.
+        Ignored when `training` is True.
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared under data_dir.
-      ValueError: unsupported features or missing statistics.
+      ValueError: unsupported features or missing statistics, an unknown
+        `augmentation`, or a crop larger than `eval_resize`.
     """
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
@@ -301,10 +342,27 @@ def make_dataset(
         raise ValueError(f"padding must be >= 0, got {padding}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"Unknown augmentation {augmentation!r}; choose one of "
+            f"{', '.join(repr(a) for a in AUGMENTATIONS)}"
+        )
+    if eval_resize is not None and int(eval_resize) <= 0:
+        raise ValueError(f"eval_resize must be positive, got {eval_resize}")
+    hw = _image_hw(image_size)
+    # The ImageNet path: read encoded bytes, crop/resize after the cache.
+    random_resized = training and augmentation == "random_resized_crop"
+    centre_crop = not training and eval_resize is not None
+    encoded = random_resized or centre_crop
+    if encoded and hw is None:
+        hw = (imagenet_lib.DEFAULT_IMAGE_SIZE, imagenet_lib.DEFAULT_IMAGE_SIZE)
+    if centre_crop and max(hw) > int(eval_resize):
+        raise ValueError(
+            f"image_size {hw} does not fit in images resized to eval_resize={eval_resize}"
+        )
     mean, std = stats_lib.channel_stats(name, mean, std)
     builder = _builder(name, data_dir)
     shape, num_classes = _check_features(builder)
-    hw = _image_hw(image_size)
     if hw is None and (shape[0] is None or shape[1] is None):
         raise ValueError(
             f"{name} has images of varying size {shape}; pass image_size=..."
@@ -321,9 +379,14 @@ def make_dataset(
         # The cache freezes the file order anyway; corruption needs it fixed.
         shuffle_files=training and not cache and not label_noise,
         read_config=read_config,
+        # ImageNet path: keep the bytes; imagenet.py decodes (only the crop).
+        decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
     )
 
-    grayscale = shape[-1] == 1
+    # Encoded images are decoded with channels=3 later (grayscale included);
+    # should a builder hand out decoded pixels anyway, the imagenet.py ops
+    # take those too.
+    grayscale = shape[-1] == 1 and ds.element_spec["image"].dtype != tf.string
 
     def to_pair(example):
         image = example["image"]
@@ -342,7 +405,7 @@ def make_dataset(
             ),
             num_parallel_calls=AUTOTUNE,
         )
-    if hw is not None:
+    if hw is not None and not encoded:
         ds = ds.map(lambda x, y: (_resize_uint8(x, hw), y), num_parallel_calls=AUTOTUNE)
     if cache:
         ds = ds.cache()
@@ -355,8 +418,19 @@ def make_dataset(
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip((ds, keys))
+        if random_resized:
+            ds = ds.map(
+                lambda xy, key: (imagenet_lib.random_resized_crop(xy[0], key, hw), xy[1]),
+                num_parallel_calls=AUTOTUNE,
+            )
+        else:
+            ds = ds.map(
+                lambda xy, key: (_pad_crop_flip(xy[0], key, padding), xy[1]),
+                num_parallel_calls=AUTOTUNE,
+            )
+    elif centre_crop:
         ds = ds.map(
-            lambda xy, key: (_pad_crop_flip(xy[0], key, padding), xy[1]),
+            lambda x, y: (imagenet_lib.resize_and_centre_crop(x, int(eval_resize), hw), y),
             num_parallel_calls=AUTOTUNE,
         )
 

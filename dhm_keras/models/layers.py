@@ -24,6 +24,8 @@ every layer of the same shape.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import keras
@@ -31,6 +33,27 @@ from keras import ops
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+
+# Whether `batch_norm` builds synchronised (cross-replica) layers; set with
+# `synchronized_batch_norm()` around a model build. Off by default.
+_SYNC_BN = contextvars.ContextVar("dhm_sync_batch_norm", default=False)
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+    """Every `batch_norm` built inside uses the GLOBAL batch's statistics.
+
+    With N replicas each replica normally normalises with the mean/variance of
+    its own global/N examples; synchronised BN all-reduces them (two extra
+    all-reduces per BN layer per step), so training matches one replica with
+    the global batch. Useful when the per-replica batch is small (ImageNet
+    on many GPUs). Off by default, as in the reference's single-GPU CIFAR runs.
+    """
+    token = _SYNC_BN.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SYNC_BN.reset(token)
 
 
 def conv_kernel_initializer() -> keras.initializers.Initializer:
@@ -130,11 +153,41 @@ def dropout(x, rate: float, *, name: str):
     return keras.layers.Dropout(rate, name=name)(x)
 
 
-def batch_norm(x, *, name: str):
-    """BatchNormalization with the reference's (PyTorch) epsilon and momentum."""
-    return keras.layers.BatchNormalization(
-        axis=-1, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+def batch_norm(x, *, name: str, synchronized=None):
+    """BatchNormalization with the reference's (PyTorch) epsilon and momentum.
+
+    synchronized: cross-replica statistics; None follows the enclosing
+    `synchronized_batch_norm()` context (default off).
+    """
+    if synchronized is None:
+        synchronized = _SYNC_BN.get()
+    return BatchNormalization(
+        axis=-1,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        synchronized=bool(synchronized),
+        name=name,
     )(x)
+
+
+@keras.saving.register_keras_serializable(package="dhm_keras")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization whose moving statistics stay mirrored across replicas.
+
+    Keras 3.15 creates `moving_mean` / `moving_variance` with aggregation "none":
+    under MirroredStrategy each replica then assigns ITS OWN copy of the mirrored
+    variable, the copies drift apart (measured: replica 0 kept the statistics of
+    its half of the batch, replica 1 of the other half), checkpoints hold
+    replica 0's only, and under MultiWorkerMirroredStrategy every worker ends
+    with different statistics. With aggregation "mean" each update is averaged
+    over replicas (workers included), as tf.keras' BatchNormalization did, so
+    every copy holds the same value. One replica: no change at all.
+    """
+
+    def add_weight(self, *args, **kwargs):
+        if kwargs.get("name") in ("moving_mean", "moving_variance"):
+            kwargs["aggregation"] = "mean"
+        return super().add_weight(*args, **kwargs)
 
 
 def relu(x, *, name: str):

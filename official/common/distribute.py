@@ -3,11 +3,18 @@
 Batch semantics everywhere in this project: the batch size a user configures is
 the GLOBAL batch; each of N replicas sees global / N examples per step, and
 the learning rate is the one for that global batch.
+
+Multi-worker file layout: only the chief writes into the model directory
+(checkpoints, summaries, results, exports). Every other worker writes what it
+must (its BackupAndRestore state) to a private directory from `worker_dir`,
+the way TF Model Garden and tf_keras' `distributed_file_utils` do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from typing import Optional
 
 import gin
@@ -42,6 +49,7 @@ def get_strategy(
     name: str = "default",
     num_replicas: Optional[int] = None,
     tpu_address: str = "",
+    collective_implementation: str = "auto",
 ) -> tf.distribute.Strategy:
     """Returns the tf.distribute strategy called `name`.
 
@@ -51,6 +59,8 @@ def get_strategy(
         the cluster from the TF_CONFIG environment variable.
       num_replicas: for `mirrored` only: how many local devices to use.
       tpu_address: for `tpu`: the TPU name or grpc address ('' = local).
+      collective_implementation: for `multi_worker`: "auto", "ring" (gRPC; what
+        CPU-only clusters use) or "nccl" (GPUs).
     """
     if name not in STRATEGIES:
         raise ValueError(f"Unknown distribution strategy {name!r}; expected one of {STRATEGIES}")
@@ -68,7 +78,21 @@ def get_strategy(
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("strategy 'multi_worker' needs the TF_CONFIG environment variable")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        implementations = {
+            "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+        }
+        if collective_implementation not in implementations:
+            raise ValueError(
+                f"Unknown collective_implementation {collective_implementation!r}; "
+                f"expected one of {sorted(implementations)}"
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementations[collective_implementation]
+            )
+        )
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
@@ -88,3 +112,58 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if resolver.task_type == "chief":
         return True
     return not has_chief and resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def worker_dir(path: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this worker writes files that the chief writes to `path`.
+
+    The chief (and every single-worker run) gets `path` itself. Any other worker
+    gets a private directory outside the model directory,
+    ``<tmp>/dhm_workertemp/<hash of path>/<task_type>_<task_id>``, so workers never
+    overwrite the chief's files or each other's.
+    """
+    if is_chief(strategy):
+        return path
+    resolver = strategy.cluster_resolver
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    return os.path.join(
+        tempfile.gettempdir(), "dhm_workertemp", digest, f"{resolver.task_type}_{resolver.task_id}"
+    )
+
+
+def worker_backup_dir(backup_dir: str, strategy: tf.distribute.Strategy) -> str:
+    """The BackupAndRestore directory of this worker; restores the CHIEF's backup.
+
+    A non-chief worker writes its backups to `worker_dir(backup_dir)`, which is
+    first replaced by a copy of the chief's backup files (if any): after a
+    restart every worker restores the same epoch and weights, even on a machine
+    whose temporary directory did not survive. (Needs the model directory on a
+    file system all workers see, as multi-worker checkpointing always does.)
+    """
+    target = worker_dir(backup_dir, strategy)
+    if target == backup_dir:
+        return backup_dir
+    if tf.io.gfile.exists(target):
+        tf.io.gfile.rmtree(target)
+    if tf.io.gfile.isdir(backup_dir):
+        tf.io.gfile.makedirs(target)
+        for name in tf.io.gfile.listdir(backup_dir):
+            source = os.path.join(backup_dir, name)
+            if not tf.io.gfile.isdir(source):
+                tf.io.gfile.copy(source, os.path.join(target, name), overwrite=True)
+    return target
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with tf.data's auto-sharding across workers set to DATA.
+
+    Under `multi_worker` tf.data's default (AUTO) shards by FILE and fails when
+    a split has fewer files than there are workers (the quick-start splits are
+    one file each). DATA sharding works for any file count: every worker reads
+    the split and keeps its share of every global batch, which needs the same
+    order on every worker (the training pipeline is seeded, so it is). Other
+    strategies ignore the setting.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)

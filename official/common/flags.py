@@ -14,5 +14,6 @@ def define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, results and exports go.")
     flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory (overrides dataset.data_dir).")
-    flags.DEFINE_string("checkpoint", None, "For eval/export: a .weights.h5 file (default: latest in model_dir).")
+    flags.DEFINE_string("checkpoint", None, "For eval: a .weights.h5 file or an export directory (<model_dir>/export/<version>); "
+        "for export: a .weights.h5 file. Default: the latest checkpoint in model_dir.")
     flags.DEFINE_boolean("debug", False, "Show full tracebacks instead of one-line errors.")

@@ -7,8 +7,12 @@ with its preprocessing inside, under a numbered version directory
 * ``serving_default``: ``images`` uint8 [N, H, W, 3] -> ``logits``,
   ``probabilities``, ``classes`` (top-k class ids) and ``scores`` (their
   probabilities);
+* ``serving_float``: ``images`` float32 [N, H, W, 3] in 0..255 (already
+  decoded pixels from a pipeline that works in floats), same outputs;
 * ``serving_bytes``: ``image_bytes`` string [N] of encoded JPEG/PNG, decoded
   and resized to H x W, then the same outputs.
+
+SIGNATURES lists them with their inputs; tests and the README refer to it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from typing import Callable, Optional, Sequence
 
 import keras
 import tensorflow as tf
+
+
+SIGNATURES = {
+    "serving_default": "images",
+    "serving_float": "images",
+    "serving_bytes": "image_bytes",
+}
+OUTPUTS = ("logits", "probabilities", "classes", "scores")
 
 
 def next_version(export_dir: str) -> int:
@@ -69,6 +81,11 @@ def export_image_classifier(
         "serving_default",
         classify,
         input_signature=[tf.TensorSpec([None, height, width, channels], tf.uint8, name="images")],
+    )
+    archive.add_endpoint(
+        "serving_float",
+        classify,
+        input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32, name="images")],
     )
     archive.add_endpoint(
         "serving_bytes",

@@ -10,7 +10,15 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 @gin.configurable(module="official")
 def set_precision_policy(policy: str = "float32") -> str:
-    """Sets Keras' global dtype policy; must run BEFORE any model is built."""
+    """Sets Keras' global dtype policy; must run BEFORE any model is built.
+
+    "float32": everything in float32. "mixed_bfloat16": compute in bfloat16,
+    variables in float32, no loss scaling (bfloat16 has float32's exponent);
+    the choice on TPUs and Ampere-or-later GPUs. "mixed_float16": compute in
+    float16 with dynamic loss scaling (`compile` wraps the optimizer in a
+    `LossScaleOptimizer`; `DHMModel.train_step` makes its overflow check
+    cross-replica). Heads' logits and the DHM loss stay float32 under both.
+    """
     if policy not in PRECISIONS:
         raise ValueError(f"Unknown precision policy {policy!r}; expected one of {PRECISIONS}")
     keras.mixed_precision.set_global_policy(policy)

@@ -1,0 +1,40 @@
+"""Errors a user can fix, each with its own exit code.
+
+`dhm_keras.main` prints any `UserError` as one line (``error: <Class>: ...``)
+and exits with its `exit_code`, instead of a traceback; ``--debug`` shows the
+traceback. Configuration problems exit with 2 (as absl does for bad flags),
+a training run that had to stop exits with 3, bad input data with 4, so
+scripts around the trainer can tell them apart.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base class: the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigMismatchError(UserError, ValueError):
+    """The model directory holds a run of a different configuration."""
+
+
+class ClassCountError(UserError, ValueError):
+    """The class count of the model, dataset or checkpoint disagree."""
+
+
+class ImageSizeError(UserError, ValueError):
+    """The images do not have the size the model, export or architecture needs."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became NaN or infinite; training stopped."""
+
+    exit_code = 3
+
+
+class CorruptInputError(UserError, RuntimeError):
+    """A record of the input data cannot be read or decoded."""
+
+    exit_code = 4

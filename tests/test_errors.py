@@ -1,0 +1,139 @@
+"""Every user-fixable error: one readable line on stderr, no traceback, its exit code.
+
+Each case runs the real CLI on a tiny configuration (128 training images of
+the committed CIFAR-10 sample, a one-block-per-stage ResNet) so that the
+whole file stays around a minute or two.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from conftest import REPO_ROOT
+
+TINY = [
+    "--gin_file=gin/quickstart.gin",
+    "--gin_param=dataset.train_split = 'train[:128]'",
+    "--gin_param=dataset.eval_split = 'test[:64]'",
+    "--gin_param=train.batch_size = 64",
+    "--gin_param=train.epochs = 2",
+    "--gin_param=train.verbose = 0",
+    "--gin_param=model.overrides = {'blocks_per_stage': 1}",
+]
+
+
+def run_main(*args, timeout=900):
+    result = subprocess.run(
+        [sys.executable, "-m", "dhm_keras.main", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    return result.returncode, (lines[-1] if lines else ""), result.stderr
+
+
+def assert_one_line_error(stderr, last, error_class):
+    assert last.startswith(f"error: {error_class}:"), stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_misspelled_binding_in_a_file_names_binding_and_file(tmp_path):
+    bad = tmp_path / "typo.gin"
+    bad.write_text("include 'gin/quickstart.gin'\ntrain.epohcs = 3\n")
+    code, last, stderr = run_main(f"--gin_file={bad}", f"--model_dir={tmp_path / 'm'}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "ValueError")
+    assert "epohcs" in last and str(bad) in last
+
+
+def test_missing_gin_file_and_missing_include_are_named(tmp_path):
+    code, last, stderr = run_main(f"--gin_file={tmp_path / 'nope.gin'}", f"--model_dir={tmp_path / 'm'}")
+    assert code == 2 and "nope.gin" in last
+    assert_one_line_error(stderr, last, "FileNotFoundError")
+    including = tmp_path / "includes.gin"
+    including.write_text("include 'gin/no_such_recipe.gin'\n")
+    code, last, stderr = run_main(f"--gin_file={including}", f"--model_dir={tmp_path / 'm'}")
+    assert code == 2 and "no_such_recipe.gin" in last and str(including) in last
+    assert_one_line_error(stderr, last, "FileNotFoundError")
+
+
+def test_declared_class_count_must_match_dataset(tmp_path):
+    code, last, stderr = run_main(*TINY, "--gin_param=model.num_classes = 100", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "ClassCountError")
+    assert "100" in last and "10 classes" in last and "cifar10_jpeg" in last
+
+
+def test_checkpoint_of_another_class_count_is_refused(tmp_path):
+    from dhm_keras import models
+
+    checkpoint = tmp_path / "hundred_classes.weights.h5"
+    network = models.build("resnet32", 100, mode="dhm", input_shape=(32, 32, 3), blocks_per_stage=1)
+    from dhm_keras.model import DHMModel
+
+    DHMModel(network, mode="dhm").save_weights(str(checkpoint))
+    keras.backend.clear_session()
+    code, last, stderr = run_main(*TINY, "--mode=eval", f"--checkpoint={checkpoint}", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "ClassCountError")
+    assert str(checkpoint) in last and "10 classes" in last
+
+
+@pytest.mark.parametrize(
+    "binding, expected",
+    [("dataset.image_size = (32,)", "(height, width)"), ("dataset.image_size = (2, 2)", "too small")],
+)
+def test_bad_image_size_is_refused(tmp_path, binding, expected):
+    code, last, stderr = run_main(*TINY, f"--gin_param={binding}", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "ImageSizeError")
+    assert expected in last
+
+
+def test_model_dir_of_another_configuration_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "wrn_28_10"}}))
+    code, last, stderr = run_main(*TINY, f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "ConfigMismatchError")
+    assert "model.name: 'wrn_28_10' -> 'resnet32'" in last and "--model_dir" in last
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    # Epoch 1 trains normally; at epoch 2 the learning rate jumps to 1e29.
+    code, last, stderr = run_main(
+        *TINY,
+        "--gin_param=build_sgd.milestones = [1]",
+        "--gin_param=build_sgd.gamma = 1e30",
+        f"--model_dir={tmp_path}",
+    )
+    assert code == 3, stderr[-3000:]
+    assert_one_line_error(stderr, last, "NonFiniteLossError")
+    # 128 images / batch 64 = 2 steps per epoch: the first bad step is 3 or 4.
+    assert "epoch 2" in last and ("at step 3 " in last or "at step 4 " in last), last
+    good = tmp_path / "checkpoints" / "epoch_001.weights.h5"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["epoch_001.weights.h5"]
+    assert str(good) in last
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [e["epoch"] for e in results["history"]] == [1] and not results["completed"]
+    assert not (tmp_path / "export").exists()
+
+
+def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(REPO_ROOT, "quickstart_data"), data)
+    (record,) = [p for p in (data / "cifar10_jpeg" / "1.0.0").iterdir() if "train.tfrecord" in p.name]
+    payload = bytearray(record.read_bytes())
+    payload[5000:5064] = bytes(64)  # inside one of the first few records
+    record.write_bytes(bytes(payload))
+    code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}")
+    assert code == 4, stderr[-3000:]
+    assert_one_line_error(stderr, last, "CorruptInputError")
+    assert "corrupt record" in last

@@ -1,0 +1,163 @@
+"""The serving export: signatures as documented, loadable in a fresh process,
+usable from saved_model_cli, consistent between its tensor, float and bytes
+inputs, and scorable with `--mode=eval`.
+
+A small untrained network is enough here (the trained quick-start export is
+checked against the training model in test_main_e2e.py); its weights are set
+so that logits are not near-ties, making class comparisons meaningful.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT
+from dhm_keras import data as data_lib
+from dhm_keras import models
+from dhm_keras.model import DHMModel
+from official.core import export as export_lib
+
+SHAPE = (32, 32, 3)
+MEAN, STD = data_lib.channel_stats("cifar10")
+BIN = os.path.dirname(sys.executable)
+
+
+def env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    network = models.build("resnet32", 10, mode="dhm", input_shape=SHAPE, blocks_per_stage=1)
+    model = DHMModel(network, mode="dhm")
+    path = export_lib.export_image_classifier(
+        model.main_branch(), str(base / "export"), SHAPE,
+        preprocess=lambda x: data_lib.normalize(x, MEAN, STD),
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, *SHAPE), dtype=np.uint8)
+    expected = model.main_branch()(data_lib.normalize(images, MEAN, STD), training=False).numpy()
+    return {"base": base, "path": path, "images": images, "expected": expected, "model": model}
+
+
+def test_versioned_layout(exported):
+    assert exported["path"] == str(exported["base"] / "export" / "1")
+    assert export_lib.next_version(str(exported["base"] / "export")) == 2
+
+
+def test_saved_model_cli_show_lists_documented_signatures(exported):
+    out = subprocess.run(
+        [os.path.join(BIN, "saved_model_cli"), "show", "--dir", exported["path"], "--all"],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    blocks = {}
+    for name in export_lib.SIGNATURES:
+        match = re.search(rf"signature_def\['{name}'\]:(.*?)(?=signature_def\[|\Z)", text, re.S)
+        assert match, f"{name} missing from saved_model_cli show --all"
+        blocks[name] = match.group(1)
+    assert re.search(r"inputs\['images'\].*?dtype: DT_UINT8.*?shape: \(-1, 32, 32, 3\)", blocks["serving_default"], re.S)
+    assert re.search(r"inputs\['images'\].*?dtype: DT_FLOAT.*?shape: \(-1, 32, 32, 3\)", blocks["serving_float"], re.S)
+    assert re.search(r"inputs\['image_bytes'\].*?dtype: DT_STRING.*?shape: \(-1\)", blocks["serving_bytes"], re.S)
+    for name, block in blocks.items():
+        for output, dtype, shape in [("logits", "DT_FLOAT", r"\(-1, 10\)"), ("probabilities", "DT_FLOAT", r"\(-1, 10\)"),
+                                     ("classes", "DT_INT32", r"\(-1, 5\)"), ("scores", "DT_FLOAT", r"\(-1, 5\)")]:
+            assert re.search(rf"outputs\['{output}'\].*?dtype: {dtype}.*?shape: {shape}", block, re.S), (name, output)
+
+
+def test_saved_model_cli_run_gives_the_models_logits(exported, tmp_path):
+    np.save(tmp_path / "images.npy", exported["images"])
+    out = subprocess.run(
+        [os.path.join(BIN, "saved_model_cli"), "run", "--dir", exported["path"], "--tag_set", "serve",
+         "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
+         "--outdir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "logits.npy"), exported["expected"], atol=1e-5)
+
+
+def test_loads_in_a_fresh_process_with_saved_model_load_and_tfsmlayer(exported, tmp_path):
+    np.save(tmp_path / "images.npy", exported["images"])
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf, keras
+        images = np.load({str(tmp_path / 'images.npy')!r})
+        loaded = tf.saved_model.load({exported['path']!r})
+        a = loaded.signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
+        layer = keras.layers.TFSMLayer({exported['path']!r}, call_endpoint="serving_default")
+        b = layer(tf.constant(images))["logits"].numpy()
+        np.save({str(tmp_path / 'a.npy')!r}, a); np.save({str(tmp_path / 'b.npy')!r}, b)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("a.npy", "b.npy"):
+        np.testing.assert_allclose(np.load(tmp_path / name), exported["expected"], atol=1e-5)
+
+
+def test_float_and_bytes_signatures_agree_with_the_uint8_one(exported):
+    loaded = tf.saved_model.load(exported["path"])
+    images = exported["images"]
+    by_uint8 = loaded.signatures["serving_default"](images=tf.constant(images))
+    by_float = loaded.signatures["serving_float"](images=tf.constant(images, tf.float32))
+    np.testing.assert_array_equal(by_float["logits"].numpy(), by_uint8["logits"].numpy())
+    # PNG is lossless: the decoded pixels, hence every output, are the same.
+    png = tf.stack([tf.io.encode_png(im) for im in images])
+    by_png = loaded.signatures["serving_bytes"](image_bytes=png)
+    np.testing.assert_allclose(by_png["logits"].numpy(), by_uint8["logits"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(by_png["classes"].numpy(), by_uint8["classes"].numpy())
+    # JPEG is lossy; high quality keeps the top class on these images.
+    jpeg = tf.stack([tf.io.encode_jpeg(im, quality=100) for im in images])
+    by_jpeg = loaded.signatures["serving_bytes"](image_bytes=jpeg)
+    decoded = np.stack([tf.io.decode_jpeg(j).numpy() for j in jpeg.numpy()])
+    by_decoded = loaded.signatures["serving_default"](images=tf.constant(decoded))
+    np.testing.assert_array_equal(by_jpeg["classes"].numpy(), by_decoded["classes"].numpy())
+    probabilities = by_uint8["probabilities"].numpy()
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(by_uint8["classes"].numpy(), np.argsort(-probabilities, -1)[:, :5])
+    np.testing.assert_allclose(by_uint8["scores"].numpy(), np.sort(probabilities, -1)[:, ::-1][:, :5], rtol=1e-6)
+
+
+def test_eval_mode_scores_an_export(exported, tmp_path):
+    split = "test[:200]"
+    result = subprocess.run(
+        [sys.executable, "-m", "dhm_keras.main", "--gin_file=gin/quickstart.gin", "--mode=eval",
+         f"--gin_param=dataset.eval_split = '{split}'", f"--checkpoint={exported['path']}",
+         f"--model_dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=env(), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    # Independent: the Keras B0 on the same (normalised) images.
+    ds = data_lib.make_dataset("cifar10_jpeg", split, data_dir=f"{REPO_ROOT}/quickstart_data",
+                               global_batch_size=100, training=False)
+    logits, labels = [], []
+    for x, y in ds:
+        logits.append(exported["model"].main_branch()(x, training=False).numpy())
+        labels.append(y.numpy())
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    top5 = np.argsort(-logits, -1)[:, :5]
+    assert metrics["examples"] == 200
+    assert metrics["top1/b0"] == pytest.approx((top5[:, 0] == labels).mean(), abs=1 / 200)
+    assert metrics["top5/b0"] == pytest.approx((top5 == labels[:, None]).any(-1).mean(), abs=1 / 200)
+
+
+def test_eval_of_an_export_with_another_image_size_is_refused(exported, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dhm_keras.main", "--gin_file=gin/quickstart.gin", "--mode=eval",
+         "--gin_param=dataset.image_size = (40, 40)", f"--checkpoint={exported['path']}",
+         f"--model_dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=env(), timeout=600,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ImageSizeError:") and "32x32" in last and "40x40" in last
