@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -145,7 +146,10 @@ def main():
     train_ds = pipeline(args.batch)
     time_epoch(train_ds)  # first pass decodes the JPEGs and fills the cache
     export_root = tempfile.mkdtemp(prefix="dhm_bench_export_")
-    servers, params = exported_servers(args.model, args.classes, export_root)
+    try:
+        servers, params = exported_servers(args.model, args.classes, export_root)
+    finally:  # the loaded SavedModels keep what they need in memory
+        shutil.rmtree(export_root, ignore_errors=True)
     rng = np.random.default_rng(0)
     serve_inputs = {
         n: tf.constant(rng.integers(0, 256, (n, 32, 32, 3)), tf.uint8) for n in sorted({1, args.batch})

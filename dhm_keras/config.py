@@ -62,6 +62,9 @@ class ModelConfig:
     # The class count is read from the dataset; setting it here states an
     # expectation, and a dataset with another count is refused early.
     num_classes: Optional[int] = None
+    # Synchronised batch normalisation across replicas (global-batch
+    # statistics); off by default, like the reference.
+    sync_batchnorm: bool = False
 
 
 @gin.configurable("mimicking")
@@ -95,6 +98,9 @@ class TrainConfig:
     # Evaluate every N epochs, and always after the last one (evaluation of
     # a large test split can cost as much as an epoch of a small train split).
     eval_every: int = 1
+    # Cross-entropy label smoothing of every head (0 = off, as in the
+    # reference recipes); the mimicking terms are unaffected.
+    label_smoothing: float = 0.0
     verbose: int = 1
 
 

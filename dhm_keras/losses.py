@@ -43,11 +43,21 @@ def pair_name(teacher: str, student: str) -> str:
     return f"{teacher}->{student}"
 
 
-def cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """Per-example sparse softmax cross-entropy in float32."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
-    )
+def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Per-example sparse softmax cross-entropy in float32.
+
+    With `label_smoothing` s the target is (1 - s) * one_hot + s / C (the
+    PyTorch `CrossEntropyLoss(label_smoothing=s)` convention), i.e.
+    (1 - s) * CE + s * mean over classes of -log p. Off (0) in every
+    reference recipe; an option for ImageNet-style training.
+    """
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if not label_smoothing:
+        return nll
+    uniform = -tf.reduce_mean(tf.nn.log_softmax(logits, axis=-1), axis=-1)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
 
 
 def _log_probs(logits: tf.Tensor, temperature: float, epsilon: float) -> tf.Tensor:
@@ -150,6 +160,7 @@ def dhm_loss(
     alpha: float = 1.0,
     active: Active = None,
     epsilon: float = 0.0,
+    label_smoothing: float = 0.0,
 ):
     """The training objective of one mode, as (total, per-head CE, per-pair mimic).
 
@@ -161,7 +172,7 @@ def dhm_loss(
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; expected one of {MODES}")
     heads = ordered_heads(logits) if mode != "baseline" else ["b0"]
-    ce = {h: tf.reduce_mean(cross_entropy(labels, logits[h])) for h in heads}
+    ce = {h: tf.reduce_mean(cross_entropy(labels, logits[h], label_smoothing)) for h in heads}
     total = tf.add_n(list(ce.values()))
     pairs = {}
     if mode == "dhm":

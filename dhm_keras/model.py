@@ -155,6 +155,7 @@ class DHMModel(keras.Model):
         bernoulli_p: Optional[float] = None,
         top_k: int = 5,
         cross_replica_finite_check: bool = True,
+        label_smoothing: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -168,6 +169,9 @@ class DHMModel(keras.Model):
         self.alpha = float(alpha)
         self.epsilon = float(epsilon)
         self.bernoulli_p = bernoulli_p
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         self.cross_replica_finite_check = bool(cross_replica_finite_check)
         outputs = _output_dict(network)
         self.heads = losses.ordered_heads(outputs)
@@ -259,6 +263,7 @@ class DHMModel(keras.Model):
             alpha=self.alpha,
             active=active,
             epsilon=self.epsilon,
+            label_smoothing=self.label_smoothing,
         )
 
     def _update_metrics(self, labels, logits, total, ce, pairs):

@@ -131,6 +131,7 @@ def build_network(model_cfg: cfg.ModelConfig, num_classes: int, image_shape: tup
             num_classes,
             mode=model_cfg.mode,
             input_shape=image_shape,
+            sync_batchnorm=model_cfg.sync_batchnorm,
             **(model_cfg.overrides or {}),
         )
     except ValueError as e:
@@ -243,6 +244,7 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
             alpha=mimic.alpha,
             epsilon=mimic.epsilon,
             bernoulli_p=mimic.bernoulli_p,
+            label_smoothing=train.label_smoothing,
         )
         steps_per_epoch = max(1, info.num_examples(dataset.train_split) // train.batch_size)
         model.compile(

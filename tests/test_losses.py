@@ -136,3 +136,20 @@ def test_float32_even_for_low_precision_logits():
     half = {k: tf.constant(v, tf.bfloat16) for k, v in logits.items()}
     value = losses.mimicking_loss(half)
     assert value.dtype == tf.float32
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_matches_the_smoothed_target_formula(smoothing):
+    logits = random_logits(7, classes=5)
+    labels = np.array([0, 1, 2, 3, 4, 0, 1])
+    classes = 5
+    total, ce, _ = losses.dhm_loss(labels, logits, mode="dsl", label_smoothing=smoothing)
+    for head, z in logits.items():
+        z = z.numpy().astype(np.float64) if hasattr(z, "numpy") else np.asarray(z, np.float64)
+        target = np.full((7, classes), smoothing / classes)
+        target[np.arange(7), labels] += 1.0 - smoothing
+        log_p = np.log(np_softmax(z))
+        expected = float(np.mean(-(target * log_p).sum(-1)))
+        np.testing.assert_allclose(float(ce[head]), expected, rtol=1e-5)
+    unsmoothed = losses.dhm_loss(labels, logits, mode="dsl")[0]
+    assert float(total) != pytest.approx(float(unsmoothed))

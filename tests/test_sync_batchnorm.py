@@ -38,6 +38,25 @@ def test_off_by_default_and_on_inside_the_context():
     # The context ends with the block; the saved config keeps the flag.
     assert not any(l.synchronized for l in bn_layers(models.build("resnet32", 10, **small)))
     assert bn_layers(synced)[0].get_config()["synchronized"] is True
+    # The builder flag and the Gin knob (model.sync_batchnorm) reach the same switch.
+    flagged = models.build("resnet32", 10, sync_batchnorm=True, **small)
+    assert all(l.synchronized for l in bn_layers(flagged))
+
+
+def test_gin_knob_reaches_the_built_network():
+    import gin
+
+    from dhm_keras import config as cfg
+    from dhm_keras.main import parse_gin
+    from dhm_keras.train_lib import build_network
+
+    gin.clear_config()
+    try:
+        parse_gin(["gin/quickstart.gin"], ["model.sync_batchnorm = True", "model.overrides = {'blocks_per_stage': 1}"])
+        network = build_network(cfg.ModelConfig(), 10, (8, 8, 3))
+    finally:
+        gin.clear_config()
+    assert bn_layers(network) and all(l.synchronized for l in bn_layers(network))
 
 
 SCRIPT = textwrap.dedent(

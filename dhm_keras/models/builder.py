@@ -13,11 +13,13 @@ walking the graph.
 from __future__ import annotations
 
 import re
+from typing import Optional
 import sys
 
 import keras
 
 from dhm_keras.models import blocks
+from dhm_keras.models import layers as layers_lib
 from dhm_keras.models import specs as specs_lib
 
 MODES = ("baseline", "dsl", "dhm")
@@ -94,7 +96,14 @@ def _max_layers(spec: specs_lib.ArchSpec) -> int:
     return 12 * sum(s.blocks for s in stages) + 50
 
 
-def build(name: str, num_classes: int, mode: str = "dhm", input_shape=None, **overrides):
+def build(
+    name: str,
+    num_classes: int,
+    mode: str = "dhm",
+    input_shape=None,
+    sync_batchnorm: Optional[bool] = None,
+    **overrides,
+):
     """Build a registered architecture by name.
 
     Args:
@@ -108,10 +117,17 @@ def build(name: str, num_classes: int, mode: str = "dhm", input_shape=None, **ov
         block options by name where the family has them: `dropout` (WRN, default 0.0),
         `bottleneck` / `compression` (DenseNet). Unknown keys raise ValueError listing
         the valid ones.
+      sync_batchnorm: batch statistics over the global batch under several
+        replicas (`layers.synchronized_batch_norm`); None keeps the
+        surrounding `synchronized_batch_norm()` context (default: off, as in
+        the reference).
     """
     _check_mode(mode)
     spec = specs_lib.with_overrides(specs_lib.get_spec(name), **overrides)
-    return build_from_spec(spec, num_classes, mode=mode, input_shape=input_shape)
+    if sync_batchnorm is None:
+        return build_from_spec(spec, num_classes, mode=mode, input_shape=input_shape)
+    with layers_lib.synchronized_batch_norm(sync_batchnorm):
+        return build_from_spec(spec, num_classes, mode=mode, input_shape=input_shape)
 
 
 def head_names(model: keras.Model) -> list[str]:
