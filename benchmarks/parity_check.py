@@ -168,7 +168,7 @@ def parity(args):
 
 # ----------------------------------------------------------------------------- CIFAR
 
-DATA_DIR = "/work/main/quickstart_data"
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "quickstart_data")
 
 
 def cifar_batches(n: int, batch: int, seed: int = 0, data_dir: str = DATA_DIR):

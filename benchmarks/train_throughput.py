@@ -118,6 +118,28 @@ def fmt(values, digits=1):
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
+def reference_step(batch: int, classes: int):
+    """A closure running one DHM step of the PyTorch reference re-implementation.
+
+    Imported only on request: PyTorch is a benchmark dependency, not a runtime one.
+    Same batch, classes, loss (3 CE + 6 KL) and SGD as our step; 2 threads like TF here.
+    """
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_reference as tr
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = tr.build_reference(classes).train()
+    optimizer = tr.make_optimizer(model)
+    images = torch.randn(batch, 3, 32, 32)
+    labels = torch.randint(0, classes, (batch,))
+    for _ in range(2):  # warm up
+        tr.train_step(model, optimizer, images, labels)
+    return lambda: tr.train_step(model, optimizer, images, labels)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet32")
@@ -129,7 +151,11 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="also time DHM under mixed_bfloat16")
     parser.add_argument("--xla", action="store_true", help="also time DHM with jit_compile=True")
     parser.add_argument("--latency_calls", type=int, default=20, help="batch-1 calls per round")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time the PyTorch re-implementation of the reference DHM step "
+                             "(benchmarks/torch_reference.py; pip install -r benchmarks/requirements.txt)")
     args = parser.parse_args()
+    torch_step = reference_step(args.batch, args.classes) if args.torch else None
 
     images = tf.random.normal((args.batch, 32, 32, 3))
     labels = tf.random.uniform((args.batch,), 0, args.classes, tf.int32)
@@ -166,6 +192,13 @@ def main():
             start = time.perf_counter()
             model.fit(data, verbose=0)
             rates[mode].append(args.steps * args.batch / (time.perf_counter() - start))
+        if torch_step is not None:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                torch_step()
+            rates.setdefault("torch reference dhm", []).append(
+                args.steps * args.batch / (time.perf_counter() - start)
+            )
         input_rates.append(time_epoch(train_ds))
         for n, x in serve_inputs.items():
             calls = args.latency_calls if n == 1 else max(4, args.latency_calls // 2)
@@ -194,6 +227,10 @@ def main():
               f"ratio {b0 / base:.3f}  (target <= 1.02; rounds B0: {fmt(latency[('B0 of DHM', n)], 2)}; "
               f"baseline: {fmt(latency[('baseline', n)], 2)})")
 
+    if torch_step is not None:
+        ref = median["torch reference dhm"]
+        print(f"  torch ref {ref:8.1f} images/s  (rounds: {fmt(rates['torch reference dhm'])})")
+        print(f"  ratio DHM (ours)/PyTorch reference {median['dhm'] / ref:.3f}  (target >= 1.2)")
     if args.bf16:
         print(f"  dhm bf16  {median['dhm bf16']:8.1f} images/s  (rounds: {fmt(rates['dhm bf16'])})")
         print(f"  ratio DHM mixed_bfloat16/float32 {median['dhm bf16'] / median['dhm']:.3f}")

@@ -8,13 +8,11 @@ whole file stays around a minute or two.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import keras
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_cli
 
 TINY = [
     "--gin_file=gin/quickstart.gin",
@@ -28,14 +26,7 @@ TINY = [
 
 
 def run_main(*args, timeout=900):
-    result = subprocess.run(
-        [sys.executable, "-m", "dhm_keras.main", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    result = run_cli(*args, timeout=timeout)
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     return result.returncode, (lines[-1] if lines else ""), result.stderr
 

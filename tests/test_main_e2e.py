@@ -2,27 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_cli
 
 QUICKSTART = ["--gin_file=gin/quickstart.gin"]
 
 
-def run_main(*args, timeout=1800):
-    return subprocess.run(
-        [sys.executable, "-m", "dhm_keras.main", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+run_main = run_cli
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,7 @@ def test_writes_checkpoints_logs_config(quickstart_dir):
     assert checkpoints == [f"epoch_{e:03d}.weights.h5" for e in range(1, 5)]
     assert (quickstart_dir / "operative_config.gin").read_text().count("resnet32") >= 1
     config = json.loads((quickstart_dir / "config.json").read_text())
-    assert config["model"] == {"name": "resnet32", "mode": "dhm", "overrides": None}
+    assert config["model"] == {"name": "resnet32", "mode": "dhm", "overrides": None, "num_classes": None, "sync_batchnorm": False}
     train_tags = scalar_tags(quickstart_dir / "logs" / "train")
     val_tags = scalar_tags(quickstart_dir / "logs" / "validation")
     for tag in ("epoch_loss", "epoch_learning_rate", "epoch_ce/b1", "epoch_mimic/b1->b0", "epoch_top1/b0", "epoch_top5/b2"):

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from dhm_keras.model import BernoulliBranchSampler, DHMModel, sample_branch_mask
 from official.modeling import optimization
