@@ -375,12 +375,6 @@ def is_saved_model(path: Optional[str]) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
-def latest_export(model_dir: str) -> Optional[str]:
-    base = os.path.join(model_dir, "export")
-    versions = export_lib.next_version(base) - 1
-    return os.path.join(base, str(versions)) if versions > 0 else None
-
-
 @contextlib.contextmanager
 def input_errors_are_clear(what: str):
     """Turns tf.data's errors on unreadable records into `CorruptInputError`.

@@ -29,7 +29,6 @@ SIGNATURES = {
     "serving_float": "images",
     "serving_bytes": "image_bytes",
 }
-OUTPUTS = ("logits", "probabilities", "classes", "scores")
 
 
 def next_version(export_dir: str) -> int:
