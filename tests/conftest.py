@@ -23,3 +23,17 @@ def run_cli(*args, timeout=1800):
         timeout=timeout,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
+
+
+def run_report_script(script, timeout=300):
+    """Runs `script` in a fresh Python (logical devices must be set before TF
+    starts) and returns the JSON it printed on its `REPORT ` line."""
+    import json
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])

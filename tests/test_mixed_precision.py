@@ -5,8 +5,6 @@ Every test restores Keras' global dtype policy to float32 (fixture), so the
 rest of the suite is unaffected.
 """
 
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from conftest import run_report_script
 from dhm_keras import models
 from dhm_keras.model import DHMModel, all_finite_across_replicas, poison_unless
 from official.modeling import optimization, performance
@@ -172,14 +170,7 @@ OVERFLOW_SCRIPT = textwrap.dedent(
 
 
 def test_overflow_on_one_replica_skips_the_step_on_every_replica():
-    result = subprocess.run(
-        [sys.executable, "-c", OVERFLOW_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    import json
-
-    line = next(l for l in result.stdout.splitlines() if l.startswith("REPORT "))
-    report = json.loads(line[len("REPORT "):])
+    report = run_report_script(OVERFLOW_SCRIPT)
     on, off = report["True"], report["False"]
     # With the all-reduced check: both replicas skip the poisoned step identically,
     # the loss scale halves, and the next clean step trains normally.

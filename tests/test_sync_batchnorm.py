@@ -5,14 +5,11 @@ The replica comparison runs in a subprocess: logical CPU devices must be
 configured before TensorFlow initialises its runtime.
 """
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import keras
 
-from conftest import REPO_ROOT
+from conftest import run_report_script
 from dhm_keras import models
 from dhm_keras.models import layers
 
@@ -126,12 +123,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_two_replicas_with_sync_bn_update_like_one_replica():
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("REPORT "))
-    report = json.loads(line[len("REPORT "):])
+    report = run_report_script(SCRIPT)
     assert report["moved"] > 1e-2, report  # the step changed the weights noticeably
     assert report["two_sync"] < 1e-5, report
     # Negative control: per-replica statistics (the default) give another update.
