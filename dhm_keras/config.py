@@ -42,7 +42,8 @@ class DatasetConfig:
     label_noise_seed: Optional[int] = None
     # Training augmentation: "pad_crop_flip" (CIFAR recipe: zero-pad by
     # `padding`, random crop back, flip) or "random_resized_crop" (ImageNet
-    # recipe: Inception crop of scale 0.08-1 resized to image_size, flip).
+    # recipe: Inception crop of scale 0.08-1 resized to image_size, flip) or
+    # "none" (shuffle only; the memorisation regime of noisy-label demos).
     augmentation: str = "pad_crop_flip"
     # Evaluation: resize the shorter side to `eval_resize` and centre-crop
     # image_size (ImageNet: 256 -> 224); None resizes straight to image_size.

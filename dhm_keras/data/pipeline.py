@@ -90,8 +90,9 @@ _LARGE_SHUFFLE_BUFFER = 10_000
 
 ImageSize = Union[int, Sequence[int]]
 
-# Training augmentations `make_dataset` knows.
-AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop")
+# Training augmentations `make_dataset` knows. "none" trains on the plain
+# images (shuffled only): the memorisation regime of small noisy-label studies.
+AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop", "none")
 
 
 class DatasetNotFoundError(ValueError):
@@ -325,7 +326,8 @@ def make_dataset(
         "pad_crop_flip" (CIFAR: zero-pad, random crop back, flip) or
         "random_resized_crop" (ImageNet: Inception crop of scale 0.08-1 and
         aspect 3/4-4/3 resized to image_size, flip; decodes only the crop
-        window of JPEGs). Ignored when `training` is False.
+        window of JPEGs) or "none" (shuffle only, images as they are).
+        Ignored when `training` is False.
       eval_resize: evaluation only: resize the shorter side to this size
         (keeping the aspect ratio), then centre-crop image_size (ImageNet:
         256 -> 224). None (default) resizes straight to image_size, if given.
@@ -416,16 +418,15 @@ def make_dataset(
             int(ds.cardinality()), image_shape
         )
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((ds, keys))
-        if random_resized:
-            ds = ds.map(
-                lambda xy, key: (imagenet_lib.random_resized_crop(xy[0], key, hw), xy[1]),
-                num_parallel_calls=AUTOTUNE,
-            )
-        else:
-            ds = ds.map(
-                lambda xy, key: (_pad_crop_flip(xy[0], key, padding), xy[1]),
+        augment = {
+            "pad_crop_flip": lambda image, key: _pad_crop_flip(image, key, padding),
+            "random_resized_crop": lambda image, key: imagenet_lib.random_resized_crop(
+                image, key, hw),
+        }.get(augmentation)
+        if augment is not None:
+            keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip((ds, keys)).map(
+                lambda xy, key: (augment(xy[0], key), xy[1]),
                 num_parallel_calls=AUTOTUNE,
             )
     elif centre_crop:

@@ -83,7 +83,7 @@ def test_unknown_augmentation_names_the_choices():
     message = str(err.value)
     assert "autoaugment" in message
     assert all(name in message for name in AUGMENTATIONS)
-    assert AUGMENTATIONS == ("pad_crop_flip", "random_resized_crop")
+    assert AUGMENTATIONS == ("pad_crop_flip", "random_resized_crop", "none")
 
 
 def test_eval_crop_larger_than_eval_resize_is_an_error():

@@ -196,6 +196,21 @@ def test_augmentation_is_a_flipped_or_plain_crop_of_the_zero_padded_image():
     assert len({(dy, dx) for dy, dx, _ in seen}) > 20  # offsets actually vary
 
 
+def test_no_augmentation_trains_on_the_plain_normalised_images():
+    n = 32
+    originals, labels = _uint8_split(QUICKSTART, f"train[:{n}]")
+    plain, plain_labels = _first_batch(_train(seed=3, take=n, global_batch_size=n,
+                                              shuffle_buffer=1, augmentation="none"))
+    np.testing.assert_array_equal(plain_labels, labels)
+    mean, std = channel_stats(NAME)
+    np.testing.assert_array_equal(plain, _np_normalize(originals, mean, std))
+    # Still shuffled (seeded) with a real buffer: same pixels, another order.
+    shuffled, _ = _first_batch(_train(seed=3, take=n, global_batch_size=n,
+                                      augmentation="none"))
+    assert not np.array_equal(shuffled, plain)
+    np.testing.assert_array_equal(np.sort(shuffled.ravel()), np.sort(plain.ravel()))
+
+
 def test_resize_option():
     x, _ = _first_batch(_train(seed=0, image_size=24, take=64))
     assert x.shape == (64, 24, 24, 3)
