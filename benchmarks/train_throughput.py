@@ -20,7 +20,9 @@ Prints, side by side:
   `--batch` (target <= 1.02: the branches cost nothing at inference);
 * with `--bf16`: DHM step images/s under mixed_bfloat16 over float32 (slow on
   CPUs without native bfloat16 kernels: off by default);
-* with `--xla`: DHM step images/s with jit_compile=True over the default.
+* with `--xla`: DHM step images/s with jit_compile=True over the default;
+* with `--keras_bn`: DHM step images/s with our fused batch-norm training path
+  over Keras' own unfused one (`layers.BatchNormalization.fused = False`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import tensorflow as tf  # noqa: E402
 from dhm_keras import data as data_lib  # noqa: E402
 from dhm_keras import models  # noqa: E402
 from dhm_keras.model import DHMModel  # noqa: E402
+from dhm_keras.models import layers as layers_lib  # noqa: E402
 from official.core import export as export_lib  # noqa: E402
 from official.modeling import optimization, performance  # noqa: E402
 
@@ -53,11 +56,15 @@ DATASET = "cifar10_jpeg"
 DATA_DIR = str(REPO_ROOT / "quickstart_data")
 
 
-def compiled_model(name, mode, num_classes, jit_compile, precision="float32"):
+def compiled_model(name, mode, num_classes, jit_compile, precision="float32", fused_bn=True):
     performance.set_precision_policy(precision)
     try:
         keras.utils.set_random_seed(0)
-        model = DHMModel(models.build(name, num_classes, mode=mode), mode=mode)
+        network = models.build(name, num_classes, mode=mode)
+        for layer in network.layers:  # before the first trace
+            if isinstance(layer, layers_lib.BatchNormalization):
+                layer.fused = fused_bn
+        model = DHMModel(network, mode=mode)
         model.compile(optimizer=optimization.L2SGD(0.01, l2=1e-4), jit_compile=jit_compile)
     finally:
         performance.set_precision_policy("float32")
@@ -150,6 +157,8 @@ def main():
     parser.add_argument("--jit_compile", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time DHM under mixed_bfloat16")
     parser.add_argument("--xla", action="store_true", help="also time DHM with jit_compile=True")
+    parser.add_argument("--keras_bn", action="store_true",
+                        help="also time DHM with Keras' unfused batch norm")
     parser.add_argument("--latency_calls", type=int, default=20, help="batch-1 calls per round")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch re-implementation of the reference DHM step "
@@ -166,6 +175,9 @@ def main():
         compiled["dhm bf16"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile, "mixed_bfloat16")
     if args.xla:
         compiled["dhm xla"] = compiled_model(args.model, "dhm", args.classes, True)
+    if args.keras_bn:
+        compiled["dhm keras bn"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile,
+                                                  fused_bn=False)
     for model in compiled.values():  # trace and warm up outside the timed rounds
         model.fit(data.take(2), verbose=0)
 
@@ -237,6 +249,10 @@ def main():
     if args.xla:
         print(f"  dhm xla   {median['dhm xla']:8.1f} images/s  (rounds: {fmt(rates['dhm xla'])})")
         print(f"  ratio DHM jit_compile=True/{args.jit_compile} {median['dhm xla'] / median['dhm']:.3f}")
+    if args.keras_bn:
+        print(f"  dhm, Keras' unfused BN {median['dhm keras bn']:8.1f} images/s  "
+              f"(rounds: {fmt(rates['dhm keras bn'])})")
+        print(f"  ratio DHM fused BN/Keras BN  {median['dhm'] / median['dhm keras bn']:.3f}")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,71 @@ class BatchNormalization(keras.layers.BatchNormalization):
             kwargs["aggregation"] = "mean"
         return super().add_weight(*args, **kwargs)
 
+    # Training steps normalise with TensorFlow's fused kernel (see `call`);
+    # False restores Keras' own path everywhere (benchmarks compare the two).
+    fused = True
+
+    def _can_fuse(self, inputs, training, mask) -> bool:
+        """Whether this training-mode call is one the fused kernel computes exactly.
+
+        Plain per-replica NHWC statistics only: synchronised statistics, batch
+        renormalisation and masks need Keras' own path, and so does inference
+        (moving statistics: a multiply-add that graph optimisers fold anyway).
+        """
+        return (
+            self.fused
+            and training is True
+            and self.trainable
+            and mask is None
+            and not self.synchronized
+            and not self.renorm
+            and keras.backend.backend() == "tensorflow"
+            and len(inputs.shape) == 4
+            and self.axis % 4 == 3  # channels last (-1 or 3)
+            and keras.backend.standardize_dtype(inputs.dtype)
+            in ("float32", "float16", "bfloat16")
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        """Keras' BatchNormalization, with one fused kernel for training steps.
+
+        Why: Keras 3 normalises with separate ops (moments, then scale and
+        shift; autodiff adds a backward op for each), several passes over every
+        activation. On CPU, where a small CIFAR ResNet is memory-bound, that
+        was most of a training step; `FusedBatchNormV3` (oneDNN's kernel
+        on CPU, cuDNN's on GPU) does each direction in one. Same results:
+        batch mean and BIASED batch variance for the output and for the moving
+        statistics (the kernel reports the unbiased variance; it is rescaled),
+        float32 statistics for float16/bfloat16 inputs.
+        """
+        if not self._can_fuse(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf  # the fused kernel exists on this backend only
+
+        channels = inputs.shape[-1]
+        scale = ops.cast(self.gamma, "float32") if self.scale else ops.ones((channels,))
+        offset = ops.cast(self.beta, "float32") if self.center else ops.zeros((channels,))
+        empty = tf.constant([], tf.float32)
+        outputs, mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=scale,
+            offset=offset,
+            mean=empty,
+            variance=empty,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
+        variance = unbiased_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            self.moving_variance * momentum + variance * (1.0 - momentum)
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
 
 def relu(x, *, name: str):
     return keras.layers.ReLU(name=name)(x)
