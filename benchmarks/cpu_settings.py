@@ -1,0 +1,116 @@
+"""CPU settings for the DHM training step, side by side: oneDNN, threads, graph options, XLA, BN.
+
+TensorFlow reads its thread-pool sizes and `TF_ENABLE_ONEDNN_OPTS` once, when it
+starts, so every setting runs in a fresh child process. Rounds are interleaved
+(setting A, B, C, ... then again) and each setting reports the median of its
+rounds, so a burst of load from another job hits every setting alike:
+
+    .venv/bin/python benchmarks/cpu_settings.py --rounds 3 --steps 4
+
+A child builds ResNet-32 DHM (the `DHMModel` train step, synthetic input),
+compiles it, runs 2 untimed warm-up steps, then times `--steps` steps; its
+wall-clock images/s AND its images per CPU-second are printed (the second is
+less sensitive to other jobs on a shared machine; it hides nothing when the
+machine is idle). The first setting is the shipped default; ratios are over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (environment overrides, child options). The first one is the default.
+SETTINGS = {
+    "default (oneDNN on, TF threads, fused BN)": ({}, {}),
+    "oneDNN off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, {}),
+    "Keras' unfused BN": ({}, {"fused_bn": False}),
+    "inter_op=1": ({}, {"inter_op": 1}),
+    "intra_op=1, inter_op=2": ({}, {"intra_op": 1, "inter_op": 2}),
+    "grappler remapping off": ({}, {"grappler": {"remapping": False}}),
+    "XLA (jit_compile=True)": ({}, {"jit_compile": True}),
+}
+
+CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+options = json.loads({options!r})
+import official  # noqa: F401  (oneDNN default unless the environment says otherwise)
+import keras
+import tensorflow as tf
+if "intra_op" in options:
+    tf.config.threading.set_intra_op_parallelism_threads(options["intra_op"])
+if "inter_op" in options:
+    tf.config.threading.set_inter_op_parallelism_threads(options["inter_op"])
+if "grappler" in options:
+    tf.config.optimizer.set_experimental_options(options["grappler"])
+from dhm_keras import models
+from dhm_keras.model import DHMModel
+from dhm_keras.models import layers
+from official.modeling import optimization
+
+keras.utils.set_random_seed(0)
+network = models.build("resnet32", 100, mode="dhm")
+for layer in network.layers:
+    if isinstance(layer, layers.BatchNormalization):
+        layer.fused = options.get("fused_bn", True)
+model = DHMModel(network, mode="dhm")
+model.compile(optimizer=optimization.L2SGD(0.01, l2=1e-4),
+              jit_compile=options.get("jit_compile", False))
+batch, steps = {batch}, {steps}
+images = tf.random.normal((batch, 32, 32, 3))
+labels = tf.random.uniform((batch,), 0, 100, tf.int32)
+data = tf.data.Dataset.from_tensors((images, labels))
+model.fit(data.repeat(2), verbose=0)
+wall, cpu = time.perf_counter(), time.process_time()
+model.fit(data.repeat(steps), verbose=0)
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batch / cpu}}))
+"""
+
+
+def run_child(env_overrides: dict, options: dict, batch: int, steps: int) -> dict:
+    env = {**os.environ, **env_overrides, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    code = CHILD.format(repo=str(REPO_ROOT), options=json.dumps(options), batch=batch, steps=steps)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"setting failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per child")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="names of SETTINGS to run (default: all)")
+    args = parser.parse_args()
+    names = [n for n in SETTINGS if not args.only or n in args.only]
+
+    results = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            results[name].append(run_child(*SETTINGS[name], args.batch, args.steps))
+
+    print(f"ResNet-32 DHM training step, batch {args.batch}, {args.rounds} interleaved rounds "
+          f"of {args.steps} steps, one fresh process per setting and round, {os.cpu_count()} CPUs")
+    base = None
+    for name in names:
+        wall = statistics.median(r["wall"] for r in results[name])
+        cpu = statistics.median(r["cpu"] for r in results[name])
+        base = base or (wall, cpu)
+        rounds = ", ".join(f"{r['wall']:.1f}" for r in results[name])
+        print(f"  {name:44s} {wall:7.1f} images/s (x{wall / base[0]:.2f})  "
+              f"{cpu:6.1f} images/CPU-s (x{cpu / base[1]:.2f})  rounds: {rounds}")
+
+
+if __name__ == "__main__":
+    main()
