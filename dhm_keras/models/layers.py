@@ -219,9 +219,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
         Why: Keras 3 normalises with separate ops (moments, then scale and
         shift; autodiff adds a backward op for each), several passes over every
-        activation. On CPU, where a small CIFAR ResNet is memory-bound, that
-        was most of a training step; `FusedBatchNormV3` (oneDNN's kernel
-        on CPU, cuDNN's on GPU) does each direction in one. Same results:
+        activation: about a third of a ResNet-32 DHM training step's op time
+        on CPU (benchmarks/profile_step.py; about a fifth fused).
+        `FusedBatchNormV3` (oneDNN's kernel on CPU, cuDNN's on GPU) does each
+        direction in one op. Same results:
         batch mean and BIASED batch variance for the output and for the moving
         statistics (the kernel reports the unbiased variance; it is rescaled),
         float32 statistics for float16/bfloat16 inputs.
