@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from dhm_keras import losses
+from official.common import distribute
 
 
 def scale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:
@@ -104,13 +105,6 @@ def _output_dict(network: keras.Model) -> dict:
     return outputs
 
 
-def _multi_worker() -> bool:
-    strategy = tf.distribute.get_strategy()
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        strategy.extended._in_multi_worker_mode()
-    )
-
-
 def _reducible_logs(logs: dict) -> dict:
     """Scalar logs as shape [1] under multi-worker training, else unchanged.
 
@@ -120,7 +114,7 @@ def _reducible_logs(logs: dict) -> dict:
     0 for input with 0 dimensions" (keras-team/keras#20585). A length-1 vector
     reduces to the same scalar mean over replicas.
     """
-    if not _multi_worker():
+    if not distribute.is_multi_worker(tf.distribute.get_strategy()):
         return logs
     return {k: tf.reshape(v, [1]) if v.shape.rank == 0 else v for k, v in logs.items()}
 

@@ -314,7 +314,7 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
             dhm_callbacks.ResultsWriter(model_dir, train_cfg.epochs, exp.config),
         ]
         every = cfg.DiagnosticsConfig().gradient_consistency_every
-        if every > 0 and exp.strategy.extended._in_multi_worker_mode():  # noqa: SLF001
+        if every > 0 and distribute.is_multi_worker(exp.strategy):
             # A chief-only callback must not run computations the other
             # workers do not join (collectives would hang): measure on one machine.
             logging.warning("diagnostics.gradient_consistency_every is ignored under multi-worker training")

@@ -99,6 +99,18 @@ def get_strategy(
     return tf.distribute.TPUStrategy(resolver)
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """True when `strategy` spans several worker processes (TF_CONFIG with >1 task).
+
+    A MultiWorkerMirroredStrategy built without a cluster runs as one local
+    worker and answers False. TensorFlow exposes this only privately; this is
+    the one place that asks it.
+    """
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()  # noqa: SLF001
+    )
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the one worker that writes checkpoints, summaries and exports.
 
