@@ -42,7 +42,6 @@ import json, os, sys, time
 sys.path.insert(0, {repo!r})
 options = json.loads({options!r})
 import official  # noqa: F401  (oneDNN default unless the environment says otherwise)
-import keras
 import tensorflow as tf
 if "intra_op" in options:
     tf.config.threading.set_intra_op_parallelism_threads(options["intra_op"])
@@ -50,19 +49,11 @@ if "inter_op" in options:
     tf.config.threading.set_inter_op_parallelism_threads(options["inter_op"])
 if "grappler" in options:
     tf.config.optimizer.set_experimental_options(options["grappler"])
-from dhm_keras import models
-from dhm_keras.model import DHMModel
-from dhm_keras.models import layers
-from official.modeling import optimization
+sys.path.insert(0, {benchmarks!r})
+from train_throughput import compiled_model  # same model and optimizer as there
 
-keras.utils.set_random_seed(0)
-network = models.build("resnet32", 100, mode="dhm")
-for layer in network.layers:
-    if isinstance(layer, layers.BatchNormalization):
-        layer.fused = options.get("fused_bn", True)
-model = DHMModel(network, mode="dhm")
-model.compile(optimizer=optimization.L2SGD(0.01, l2=1e-4),
-              jit_compile=options.get("jit_compile", False))
+model = compiled_model("resnet32", "dhm", 100, jit_compile=options.get("jit_compile", False),
+                       fused_bn=options.get("fused_bn", True))
 batch, steps = {batch}, {steps}
 images = tf.random.normal((batch, 32, 32, 3))
 labels = tf.random.uniform((batch,), 0, 100, tf.int32)
@@ -77,7 +68,8 @@ print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batc
 
 def run_child(env_overrides: dict, options: dict, batch: int, steps: int) -> dict:
     env = {**os.environ, **env_overrides, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    code = CHILD.format(repo=str(REPO_ROOT), options=json.dumps(options), batch=batch, steps=steps)
+    code = CHILD.format(repo=str(REPO_ROOT), benchmarks=str(REPO_ROOT / "benchmarks"),
+                        options=json.dumps(options), batch=batch, steps=steps)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=1800)
     for line in done.stdout.splitlines():

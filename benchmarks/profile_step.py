@@ -23,17 +23,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import official  # noqa: E402,F401  (oneDNN before TensorFlow loads)
 
-import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
-from dhm_keras import models  # noqa: E402
-from dhm_keras.model import DHMModel  # noqa: E402
-from dhm_keras.models import layers  # noqa: E402
-from official.modeling import optimization  # noqa: E402
+from train_throughput import compiled_model  # noqa: E402  (same model, same optimizer)
 
 # Op-type prefixes -> category (first match wins; oneDNN kernels are "_MklNative...").
 CATEGORIES = (
@@ -92,13 +89,7 @@ def main():
     parser.add_argument("--keras_bn", action="store_true", help="Keras' unfused BN instead")
     args = parser.parse_args()
 
-    keras.utils.set_random_seed(0)
-    network = models.build("resnet32", 100, mode="dhm")
-    for layer in network.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            layer.fused = not args.keras_bn
-    model = DHMModel(network, mode="dhm")
-    model.compile(optimizer=optimization.L2SGD(0.01, l2=1e-4))
+    model = compiled_model("resnet32", "dhm", 100, jit_compile=False, fused_bn=not args.keras_bn)
     images = tf.random.normal((args.batch, 32, 32, 3))
     labels = tf.random.uniform((args.batch,), 0, 100, tf.int32)
     data = tf.data.Dataset.from_tensors((images, labels))
