@@ -50,17 +50,15 @@ if "inter_op" in options:
 if "grappler" in options:
     tf.config.optimizer.set_experimental_options(options["grappler"])
 sys.path.insert(0, {benchmarks!r})
-from train_throughput import compiled_model  # same model and optimizer as there
+from train_throughput import compiled_model, synthetic_batches  # same model, optimizer, data
 
 model = compiled_model("resnet32", "dhm", 100, jit_compile=options.get("jit_compile", False),
                        fused_bn=options.get("fused_bn", True))
 batch, steps = {batch}, {steps}
-images = tf.random.normal((batch, 32, 32, 3))
-labels = tf.random.uniform((batch,), 0, 100, tf.int32)
-data = tf.data.Dataset.from_tensors((images, labels))
-model.fit(data.repeat(2), verbose=0)
+model.fit(synthetic_batches(batch, 100, 2), verbose=0)
+data = synthetic_batches(batch, 100, steps)
 wall, cpu = time.perf_counter(), time.process_time()
-model.fit(data.repeat(steps), verbose=0)
+model.fit(data, verbose=0)
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batch / cpu}}))
 """

@@ -30,7 +30,7 @@ import official  # noqa: E402,F401  (oneDNN before TensorFlow loads)
 import tensorflow as tf  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
-from train_throughput import compiled_model  # noqa: E402  (same model, same optimizer)
+from train_throughput import compiled_model, synthetic_batches  # noqa: E402  (same model, optimizer, data)
 
 # Op-type prefixes -> category (first match wins; oneDNN kernels are "_MklNative...").
 CATEGORIES = (
@@ -90,14 +90,11 @@ def main():
     args = parser.parse_args()
 
     model = compiled_model("resnet32", "dhm", 100, jit_compile=False, fused_bn=not args.keras_bn)
-    images = tf.random.normal((args.batch, 32, 32, 3))
-    labels = tf.random.uniform((args.batch,), 0, 100, tf.int32)
-    data = tf.data.Dataset.from_tensors((images, labels))
-    model.fit(data.repeat(2), verbose=0)  # trace and warm up
+    model.fit(synthetic_batches(args.batch, 100, 2), verbose=0)  # trace and warm up
 
     trace_dir = tempfile.mkdtemp(prefix="dhm_profile_")
     tf.profiler.experimental.start(trace_dir)
-    model.fit(data.repeat(args.steps), verbose=0)
+    model.fit(synthetic_batches(args.batch, 100, args.steps), verbose=0)
     tf.profiler.experimental.stop()
     times = op_times(trace_dir)
     total = sum(times.values())
