@@ -33,6 +33,8 @@ SETTINGS = {
     "Keras' unfused BN": ({}, {"fused_bn": False}),
     "inter_op=1": ({}, {"inter_op": 1}),
     "intra_op=1, inter_op=2": ({}, {"intra_op": 1, "inter_op": 2}),
+    "intra_op=1, inter_op=3": ({}, {"intra_op": 1, "inter_op": 3}),
+    "intra_op=1, inter_op=4": ({}, {"intra_op": 1, "inter_op": 4}),
     "grappler remapping off": ({}, {"grappler": {"remapping": False}}),
     "XLA (jit_compile=True)": ({}, {"jit_compile": True}),
 }
