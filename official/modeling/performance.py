@@ -29,8 +29,9 @@ def resolve_jit_compile(setting, strategy) -> bool:
     """Turns the `jit_compile` knob (True, False or "auto") into a decision.
 
     "auto" enables XLA only for a single replica on a GPU: on this project's
-    CPUs XLA measured ~1.8x slower for a ResNet-32 step, and Keras' compiled
-    step fails when it spans several replicas (see keras3-notes.md).
+    CPUs a ResNet-32 DHM step ran at 0.66x with XLA (docs/performance.md), and
+    Keras' compiled step fails when it spans several replicas (see
+    keras3-notes.md).
     """
     import tensorflow as tf
 
