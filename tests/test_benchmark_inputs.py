@@ -1,0 +1,37 @@
+"""The benchmarks' synthetic input: the right batches, and no tf.data autotuning.
+
+Timing `fit()` on an autotuned dataset measures tf.data's teardown (destroying
+the iterator waits for the autotune thread's sleep, up to a minute), not the
+training step: this guards the fix in `benchmarks/train_throughput.py`.
+"""
+
+import sys
+
+import numpy as np
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import train_throughput  # noqa: E402
+
+
+def test_synthetic_batches_repeat_one_batch_without_autotuning():
+    data = train_throughput.synthetic_batches(batch=4, num_classes=10, steps=3)
+
+    assert data.options().autotune.enabled is False
+    batches = list(data.as_numpy_iterator())
+    assert len(batches) == 3
+    images, labels = batches[0]
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.float32
+    assert labels.shape == (4,) and labels.min() >= 0 and labels.max() < 10
+    for other_images, other_labels in batches[1:]:
+        np.testing.assert_array_equal(other_images, images)
+        np.testing.assert_array_equal(other_labels, labels)
+
+
+def test_autotuning_stays_off_through_take():
+    """The warm-up fit uses `.take(2)` of the same dataset."""
+    data = train_throughput.synthetic_batches(batch=2, num_classes=5, steps=4).take(2)
+    assert data.options().autotune.enabled is False
+    assert len(list(data)) == 2
