@@ -12,6 +12,12 @@ compiles it, runs 2 untimed warm-up steps, then times `--steps` steps; its
 wall-clock images/s AND its images per CPU-second are printed (the second is
 less sensitive to other jobs on a shared machine; it hides nothing when the
 machine is idle). The first setting is the shipped default; ratios are over it.
+
+The PyTorch re-implementation of the reference step (`torch_reference.py`) runs
+as one more "setting", also in fresh processes: the cleanest side-by-side of
+the two libraries (neither shares a process, its allocator or caches with the
+other). `--only "default (oneDNN on, TF threads, fused BN)" "PyTorch reference
+(torch_reference.py)"` runs just that comparison.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ SETTINGS = {
     "intra_op=1, inter_op=4": ({}, {"intra_op": 1, "inter_op": 4}),
     "grappler remapping off": ({}, {"grappler": {"remapping": False}}),
     "XLA (jit_compile=True)": ({}, {"jit_compile": True}),
+    # Not a TensorFlow setting: the yardstick of issue #4, in a process of its own
+    # like every setting above, so neither library shares a process with the other.
+    "PyTorch reference (torch_reference.py)": ({}, {"torch": True}),
 }
 
 CHILD = r"""
@@ -66,9 +75,32 @@ print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batc
 """
 
 
+# The same timing for the PyTorch re-implementation of the reference DHM step:
+# same batch, classes, loss and SGD, 2 threads (the cores TensorFlow uses here).
+TORCH_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {benchmarks!r})
+import torch
+import torch_reference as tr
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = tr.build_reference(100).train()
+optimizer = tr.make_optimizer(model)
+batch, steps = {batch}, {steps}
+images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
+for _ in range(2):
+    tr.train_step(model, optimizer, images, labels)
+wall, cpu = time.perf_counter(), time.process_time()
+for _ in range(steps):
+    tr.train_step(model, optimizer, images, labels)
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batch / cpu}}))
+"""
+
+
 def run_child(env_overrides: dict, options: dict, batch: int, steps: int) -> dict:
     env = {**os.environ, **env_overrides, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    code = CHILD.format(repo=str(REPO_ROOT), benchmarks=str(REPO_ROOT / "benchmarks"),
+    code = (TORCH_CHILD if options.get("torch") else CHILD).format(repo=str(REPO_ROOT), benchmarks=str(REPO_ROOT / "benchmarks"),
                         options=json.dumps(options), batch=batch, steps=steps)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=1800)
@@ -102,6 +134,14 @@ def main():
         rounds = ", ".join(f"{r['wall']:.1f}" for r in results[name])
         print(f"  {name:44s} {wall:7.1f} images/s (x{wall / base[0]:.2f})  "
               f"{cpu:6.1f} images/CPU-s (x{cpu / base[1]:.2f})  rounds: {rounds}")
+    reference = "PyTorch reference (torch_reference.py)"
+    if reference in names and names[0] != reference:
+        # Rounds are interleaved, so round k of both ran minutes apart at most.
+        paired = [ours["wall"] / theirs["wall"]
+                  for ours, theirs in zip(results[names[0]], results[reference])]
+        print(f"  {names[0]} / PyTorch reference, per round: "
+              f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f} "
+              f"(issue #4 target >= 1.2)")
 
 
 if __name__ == "__main__":
