@@ -80,19 +80,12 @@ print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batc
 TORCH_CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {benchmarks!r})
-import torch
-import torch_reference as tr
-torch.set_num_threads(2)
-torch.manual_seed(0)
-model = tr.build_reference(100).train()
-optimizer = tr.make_optimizer(model)
+import torch_reference
+step = torch_reference.step_closure({batch}, 100, threads=2)
 batch, steps = {batch}, {steps}
-images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
-for _ in range(2):
-    tr.train_step(model, optimizer, images, labels)
 wall, cpu = time.perf_counter(), time.process_time()
 for _ in range(steps):
-    tr.train_step(model, optimizer, images, labels)
+    step()
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batch / cpu}}))
 """
@@ -100,8 +93,9 @@ print("RESULT " + json.dumps({{"wall": steps * batch / wall, "cpu": steps * batc
 
 def run_child(env_overrides: dict, options: dict, batch: int, steps: int) -> dict:
     env = {**os.environ, **env_overrides, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    code = (TORCH_CHILD if options.get("torch") else CHILD).format(repo=str(REPO_ROOT), benchmarks=str(REPO_ROOT / "benchmarks"),
-                        options=json.dumps(options), batch=batch, steps=steps)
+    template = TORCH_CHILD if options.get("torch") else CHILD
+    code = template.format(repo=str(REPO_ROOT), benchmarks=str(REPO_ROOT / "benchmarks"),
+                           options=json.dumps(options), batch=batch, steps=steps)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=1800)
     for line in done.stdout.splitlines():

@@ -12,7 +12,9 @@ timed against it. PyTorch is NOT a dependency of dhm_keras: see benchmarks/requi
   epsilon=0 is the exact KL (log_softmax); epsilon=1e-8 is the reference's smoothing.
 * `port_keras_weights(keras_model, torch_model)`: copy the weights of
   `dhm_keras.models.build("resnet32", C, mode="dhm")` into the torch model by layer name.
-* `train_throughput(batch, steps)`: images/s of the full DHM train step on CPU.
+* `step_closure(batch, num_classes)`: one warmed-up DHM train step as a callable (what
+  train_throughput.py and cpu_settings.py time); `train_throughput(batch, steps)`: its
+  images/s on CPU.
 
 Run `python benchmarks/torch_reference.py` for the parameter counts and the throughput.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -308,11 +310,12 @@ def train_step(model, optimizer, images, labels, **loss_kwargs):
     return loss.detach()
 
 
-def train_throughput(batch: int = 128, steps: int = 10, warmup: int = 3,
-                     num_classes: int = 100, threads: int = 2, repeats: int = 1) -> list:
-    """Images/s of the full DHM train step (forward 3 heads, loss, backward, SGD).
+def step_closure(batch: int = 128, num_classes: int = 100, threads: int = 2,
+                 warmup: int = 2) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running one full DHM train step (forward 3 heads,
+    loss, backward, SGD) on a fixed synthetic N(0,1) batch, already warmed up.
 
-    Synthetic N(0,1) input, `threads` intra-op threads. Returns one rate per repeat.
+    The one set-up every benchmark times, so they all time the same thing.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -322,11 +325,18 @@ def train_throughput(batch: int = 128, steps: int = 10, warmup: int = 3,
     labels = torch.randint(0, num_classes, (batch,))
     for _ in range(warmup):
         train_step(model, optimizer, images, labels)
+    return lambda: train_step(model, optimizer, images, labels)
+
+
+def train_throughput(batch: int = 128, steps: int = 10, warmup: int = 3,
+                     num_classes: int = 100, threads: int = 2, repeats: int = 1) -> list:
+    """Images/s of the full DHM train step; one rate per repeat."""
+    step = step_closure(batch, num_classes, threads, warmup)
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(model, optimizer, images, labels)
+            step()
         rates.append(batch * steps / (time.perf_counter() - start))
     return rates
 
