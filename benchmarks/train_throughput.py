@@ -194,11 +194,7 @@ def main():
     if args.keras_bn:
         compiled["dhm keras bn"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile,
                                                   fused_bn=False)
-    for model in compiled.values():  # trace and warm up outside the timed rounds
-        model.fit(data.take(2), verbose=0)
-
     train_ds = pipeline(args.batch)
-    time_epoch(train_ds)  # first pass decodes the JPEGs and fills the cache
     export_root = tempfile.mkdtemp(prefix="dhm_bench_export_")
     try:
         servers, params = exported_servers(args.model, args.classes, export_root)
@@ -208,16 +204,14 @@ def main():
     serve_inputs = {
         n: tf.constant(rng.integers(0, 256, (n, 32, 32, 3)), tf.uint8) for n in sorted({1, args.batch})
     }
-    for serve in servers.values():  # warm up
-        for x in serve_inputs.values():
-            serve(images=x)
 
     rates = {m: [] for m in compiled}
     input_rates = []
     latency = {(label, n): [] for label in servers for n in serve_inputs}
-    # Round 0 is an untimed warm-up of every measurement: the first timed round
-    # used to come out 20-40% low for TensorFlow only (first full-length fit()
-    # of each model), which skewed the ratio against the PyTorch reference.
+    # Round 0 is the untimed warm-up of every measurement: it traces the train
+    # steps, fills the pipeline's cache and loads the servers' graphs. (A
+    # 2-step fit() per model was not enough: the first timed round still came
+    # out 20-40% low for TensorFlow only, skewing the ratio to the reference.)
     for _ in range(args.rounds + 1):
         for mode, model in compiled.items():
             start = time.perf_counter()

@@ -31,7 +31,7 @@ def test_synthetic_batches_repeat_one_batch_without_autotuning():
 
 
 def test_autotuning_stays_off_through_take():
-    """The warm-up fit uses `.take(2)` of the same dataset."""
+    """A shortened copy (e.g. a 2-step warm-up) stays untuned too."""
     data = train_throughput.synthetic_batches(batch=2, num_classes=5, steps=4).take(2)
     assert data.options().autotune.enabled is False
     assert len(list(data)) == 2
