@@ -19,9 +19,11 @@ Prints, side by side:
   `official.core.export.export_image_classifier`) over a plain backbone built
   with mode='baseline' exported and served the same way, at batch 1 and
   `--batch` (target <= 1.02: the branches cost nothing at inference);
-* with `--bf16`: DHM step images/s under mixed_bfloat16 over float32 (slow on
-  CPUs without native bfloat16 kernels: off by default);
-* with `--xla`: DHM step images/s with jit_compile=True over the default;
+* with `--bf16`, `--fp16`, `--xla`: the DHM step under mixed_bfloat16 and/or
+  mixed_float16 (loss-scaled), each with XLA off and, with `--xla`, on, as
+  images/s over the float32 step (the GPU grid of issue #4:
+  `--bf16 --fp16 --xla`; on CPUs without native 16-bit kernels the mixed
+  policies are very slow, so they are off by default);
 * with `--keras_bn`: DHM step images/s with our fused batch-norm training path
   over Keras' own unfused one (`layers.BatchNormalization.fused = False`).
 """
@@ -70,6 +72,26 @@ def compiled_model(name, mode, num_classes, jit_compile, precision="float32", fu
     finally:
         performance.set_precision_policy("float32")
     return model
+
+
+PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def dhm_variants(bf16: bool, fp16: bool, xla: bool, jit_compile: bool) -> dict:
+    """{label: (precision policy, jit_compile)} of the extra DHM steps to time.
+
+    The grid is every requested precision (float32 always) times XLA as given
+    by `--jit_compile` and, with `--xla`, its opposite; the plain "dhm" step
+    (float32, `jit_compile`) is timed anyway and is left out.
+    """
+    precisions = ["float32"] + ["bf16"] * bf16 + ["fp16"] * fp16
+    jits = [jit_compile] + [not jit_compile] * xla
+    return {
+        f"dhm {p}, jit_compile={jit}": (PRECISIONS[p], jit)
+        for p in precisions
+        for jit in jits
+        if (p, jit) != ("float32", jit_compile)
+    }
 
 
 def synthetic_batches(batch: int, num_classes: int, steps: int) -> tf.data.Dataset:
@@ -149,6 +171,13 @@ def latency_ms(servers: dict, images, calls) -> dict:
     return {label: 1000.0 * statistics.median(t) for label, t in times.items()}
 
 
+def gpu_names() -> str:
+    """", GPUs: <card names>" when TensorFlow sees GPUs (numbers need the card next to them)."""
+    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+             for g in tf.config.list_physical_devices("GPU")]
+    return f", GPUs: {names}" if names else ""
+
+
 def fmt(values, digits=1):
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
@@ -174,7 +203,9 @@ def main():
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--jit_compile", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time DHM under mixed_bfloat16")
-    parser.add_argument("--xla", action="store_true", help="also time DHM with jit_compile=True")
+    parser.add_argument("--fp16", action="store_true", help="also time DHM under mixed_float16")
+    parser.add_argument("--xla", action="store_true",
+                        help="also time each DHM precision with jit_compile the other way")
     parser.add_argument("--keras_bn", action="store_true",
                         help="also time DHM with Keras' unfused batch norm")
     parser.add_argument("--latency_calls", type=int, default=20, help="batch-1 calls per round")
@@ -187,10 +218,9 @@ def main():
     data = synthetic_batches(args.batch, args.classes, args.steps)
     modes = ("baseline", "dsl", "dhm")
     compiled = {m: compiled_model(args.model, m, args.classes, args.jit_compile) for m in modes}
-    if args.bf16:
-        compiled["dhm bf16"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile, "mixed_bfloat16")
-    if args.xla:
-        compiled["dhm xla"] = compiled_model(args.model, "dhm", args.classes, True)
+    variants = dhm_variants(args.bf16, args.fp16, args.xla, args.jit_compile)
+    for label, (precision, jit) in variants.items():
+        compiled[label] = compiled_model(args.model, "dhm", args.classes, jit, precision)
     if args.keras_bn:
         compiled["dhm keras bn"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile,
                                                   fused_bn=False)
@@ -235,7 +265,8 @@ def main():
     median = {m: statistics.median(r) for m, r in rates.items()}
     print(f"{args.model}, batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps "
           "after one untimed round, "
-          f"jit_compile={args.jit_compile}, devices={[d.name for d in tf.config.list_logical_devices()]}")
+          f"jit_compile={args.jit_compile}, devices={[d.name for d in tf.config.list_logical_devices()]}"
+          f"{gpu_names()}")
     for mode in modes:
         print(f"  {mode:9s} {median[mode]:8.1f} images/s  (rounds: {fmt(rates[mode])})")
     print(f"  ratio DHM/DSL throughput      {median['dhm'] / median['dsl']:.3f}")
@@ -263,12 +294,10 @@ def main():
         # hits both: the per-round ratios are the steadier comparison.
         paired = [ours / theirs for ours, theirs in zip(rates["dhm"], rates["torch reference dhm"])]
         print(f"  per-round ratios DHM/reference {fmt(paired, 3)}; median {statistics.median(paired):.3f}")
-    if args.bf16:
-        print(f"  dhm bf16  {median['dhm bf16']:8.1f} images/s  (rounds: {fmt(rates['dhm bf16'])})")
-        print(f"  ratio DHM mixed_bfloat16/float32 {median['dhm bf16'] / median['dhm']:.3f}")
-    if args.xla:
-        print(f"  dhm xla   {median['dhm xla']:8.1f} images/s  (rounds: {fmt(rates['dhm xla'])})")
-        print(f"  ratio DHM jit_compile=True/{args.jit_compile} {median['dhm xla'] / median['dhm']:.3f}")
+    for label in variants:
+        print(f"  {label:32s} {median[label]:8.1f} images/s, "
+              f"x{median[label] / median['dhm']:.3f} of dhm float32, jit_compile={args.jit_compile}  "
+              f"(rounds: {fmt(rates[label])})")
     if args.keras_bn:
         print(f"  dhm, Keras' unfused BN {median['dhm keras bn']:8.1f} images/s  "
               f"(rounds: {fmt(rates['dhm keras bn'])})")

@@ -35,3 +35,29 @@ def test_autotuning_stays_off_through_take():
     data = train_throughput.synthetic_batches(batch=2, num_classes=5, steps=4).take(2)
     assert data.options().autotune.enabled is False
     assert len(list(data)) == 2
+
+
+def test_dhm_variants_grid_covers_each_precision_with_and_without_xla():
+    grid = train_throughput.dhm_variants(bf16=True, fp16=True, xla=True, jit_compile=False)
+    assert sorted(grid.values()) == sorted([
+        ("float32", True),
+        ("mixed_bfloat16", False), ("mixed_bfloat16", True),
+        ("mixed_float16", False), ("mixed_float16", True),
+    ])  # the plain float32 step without XLA is the "dhm" row itself
+    assert train_throughput.dhm_variants(False, False, False, False) == {}
+    assert list(train_throughput.dhm_variants(False, True, False, True).values()) == [
+        ("mixed_float16", True)
+    ]
+
+
+def test_fp16_variant_is_loss_scaled_and_trains():
+    """The mixed_float16 row times a real loss-scaled step, not float32 relabelled."""
+    import keras
+
+    model = train_throughput.compiled_model("resnet32", "dhm", 10, False, "mixed_float16")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    conv = next(l for l in model.network.layers if isinstance(l, keras.layers.Conv2D))
+    assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32"  # restored for the next model
+    history = model.fit(train_throughput.synthetic_batches(2, 10, 1), verbose=0)
+    assert np.isfinite(history.history["loss"][0])
