@@ -104,6 +104,14 @@ class TrainConfig:
     label_smoothing: float = 0.0
     verbose: int = 1
 
+    def __post_init__(self):
+        # Checked when the config is first read, before anything is written to
+        # model_dir: a bad value must not leave a config.json behind.
+        for name in ("epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
+
 
 @gin.configurable("diagnostics")
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,14 @@ class ClassCountError(UserError, ValueError):
     """The class count of the model, dataset or checkpoint disagree."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint path that is not a loadable weights file of this trainer."""
+
+
+class GinSyntaxError(UserError, ValueError):
+    """A Gin file or `--gin_param` binding that does not parse."""
+
+
 class ImageSizeError(UserError, ValueError):
     """The images do not have the size the model, export or architecture needs."""
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tokenize
 
 from absl import app, flags, logging
 
-from dhm_keras.errors import UserError
+from dhm_keras.errors import GinSyntaxError, UserError
 from official.common import flags as common_flags
 
 common_flags.define_flags()
@@ -42,9 +43,20 @@ def parse_gin(gin_files, gin_params) -> None:
         if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_ROOT, path)):
             raise FileNotFoundError(f"Gin file not found: {path}")
     try:
-        gin.parse_config_files_and_bindings(gin_files, gin_params)
+        gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
     except OSError as e:  # an `include` that names a missing file
         raise FileNotFoundError(" ".join(str(e).split())) from e
+    except (SyntaxError, tokenize.TokenError) as e:  # gin's parser names only the line
+        raise GinSyntaxError(f"cannot parse Gin file(s) {', '.join(gin_files)}: {e}") from e
+    # One binding at a time, so that a malformed one is named in the error.
+    for binding in gin_params or ():
+        try:
+            gin.parse_config(binding)
+        except (SyntaxError, tokenize.TokenError) as e:
+            raise GinSyntaxError(
+                f"cannot parse --gin_param={binding!r} ({e}); expected 'name.param = value'"
+            ) from e
+    gin.finalize()
 
 
 def run(argv) -> dict:

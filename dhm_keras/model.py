@@ -261,11 +261,15 @@ class DHMModel(keras.Model):
         )
 
     def _update_metrics(self, labels, logits, total, ce, pairs):
-        self._trackers["loss"].update_state(total)
-        for head, value in ce.items():
-            self._trackers[f"ce/{head}"].update_state(value)
-        for pair, value in pairs.items():
-            self._trackers[f"mimic/{pair}"].update_state(value)
+        # Each loss is a mean over the batch: weighting it by the batch size
+        # makes the epoch value a mean over examples, also when the last
+        # evaluation batch is short.
+        # (A replica given no examples contributes nothing, not its NaN mean.)
+        examples = tf.cast(tf.shape(labels)[0], tf.float32)
+        for name, value in [("loss", total), *(("ce/" + h, v) for h, v in ce.items()),
+                            *(("mimic/" + p, v) for p, v in pairs.items())]:
+            value = tf.where(examples > 0, value, tf.zeros_like(value))
+            self._trackers[name].update_state(value, sample_weight=examples)
         for name, metric in self._accuracies.items():
             metric.update_state(labels, logits[name.split("/")[1]])
         logs = {name: m.result() for name, m in self._trackers.items()}

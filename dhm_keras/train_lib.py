@@ -21,11 +21,13 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import inspect
 import json
 import os
 from typing import Optional
 
 import gin
+import h5py
 import keras
 import tensorflow as tf
 from absl import logging
@@ -60,22 +62,45 @@ class Experiment:
     gallery_ds: Optional[tf.data.Dataset] = None  # re-ID: eval_ds is the query split
 
 
+def bound_arguments(fn) -> dict:
+    """`fn`'s keyword defaults with its Gin bindings applied: the values a call
+    by `fn`'s caller will get (arguments without a default are left out)."""
+    arguments = {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    arguments.update(gin.get_bindings(fn))
+    return arguments
+
+
 def current_config(data_dir: Optional[str] = None) -> dict:
-    """The Gin-bound configuration as plain data (written to config.json)."""
+    """The Gin-bound configuration as plain data (written to config.json).
+
+    Besides the project's own sections it records the optimizer recipe and
+    the precision policy (bound on `official` builders): both change what a
+    run learns, so resuming with other values must be refused like any other
+    change of recipe.
+    """
     dataset = cfg.DatasetConfig()
     if data_dir:
         dataset = dataclasses.replace(dataset, data_dir=data_dir)
-    return {
+    return json.loads(json.dumps({  # tuples -> lists, as config.json reads back
         "dataset": dataclasses.asdict(dataset),
         "model": dataclasses.asdict(cfg.ModelConfig()),
         "mimicking": dataclasses.asdict(cfg.MimickingConfig()),
         "train": dataclasses.asdict(cfg.TrainConfig()),
-    }
+        "optimizer": bound_arguments(optimization.build_sgd),
+        "precision": bound_arguments(performance.set_precision_policy),
+    }))
 
 
 # Fields that may change between attempts on one model_dir without making it
-# a different experiment (where the data lives, how chatty the log is).
-_MAY_DIFFER = {("dataset", "data_dir"), ("train", "verbose")}
+# a different experiment: where the data lives, how chatty the log is, and
+# whether XLA compiles the step (speed, not recipe; `auto` resolves differently
+# on a CPU and a GPU machine). The strategy is not recorded at all, so a run may
+# resume on another number of devices with the same global batch.
+_MAY_DIFFER = {("dataset", "data_dir"), ("train", "verbose"), ("train", "jit_compile")}
 
 
 def check_model_dir(model_dir: str, config: dict) -> None:
@@ -85,12 +110,15 @@ def check_model_dir(model_dir: str, config: dict) -> None:
         return
     with open(path) as f:
         previous = json.load(f)
+    # A section that an older version did not record (optimizer, precision)
+    # is not compared, so runs started before it was added can still resume.
     differences = [
-        f"{section}.{key}: {previous.get(section, {}).get(key)!r} -> {value!r}"
+        f"{section}.{key}: {previous[section].get(key)!r} -> {value!r}"
         for section, fields in config.items()
+        if section in previous
         for key, value in fields.items()
         if (section, key) not in _MAY_DIFFER
-        and json.loads(json.dumps(value)) != previous.get(section, {}).get(key)
+        and json.loads(json.dumps(value)) != previous[section].get(key)
     ]
     if differences:
         raise ConfigMismatchError(
@@ -357,10 +385,22 @@ def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
             f"no checkpoint to load: {checkpoint or os.path.join(model_dir, 'checkpoints')} "
             "(train first, or pass --checkpoint=<file.weights.h5>)"
         )
+    if os.path.isdir(checkpoint):
+        what = "an exported SavedModel" if is_saved_model(checkpoint) else "a directory"
+        raise errors.CheckpointError(
+            f"--checkpoint={checkpoint} is {what}; this needs a weights file such as "
+            f"{os.path.join(model_dir, 'checkpoints', 'epoch_001.weights.h5')} "
+            "(only --mode=eval also scores an export directory)"
+        )
+    if not h5py.is_hdf5(checkpoint):
+        raise errors.CheckpointError(
+            f"cannot load checkpoint {checkpoint}: not an HDF5 file; expected a "
+            ".weights.h5 file written by this trainer"
+        )
     try:
         exp.model.load_weights(checkpoint)
     except ValueError as e:
-        # Keras names the first variable whose shape differs; add what most
+        # Keras names the first variable that does not fit; add what most
         # likely caused it. Only classifiers depend on the class count.
         detail = " ".join(str(e).split())[:300]
         raise errors.ClassCountError(
@@ -408,6 +448,12 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
     preprocessing inside the SavedModel). Default: the latest checkpoint.
     """
     if is_saved_model(checkpoint):
+        if reid_data.is_reid_dataset(cfg.DatasetConfig().name):
+            raise errors.CheckpointError(
+                f"--checkpoint={checkpoint} is an export, which serves b0's class logits; "
+                "re-ID evaluation ranks the gallery by the network's embedding, so pass a "
+                "weights file (<model_dir>/checkpoints/epoch_NNN.weights.h5) instead"
+            )
         result = evaluate_export(checkpoint, data_dir)
     else:
         exp = build_experiment(data_dir, training=False)

@@ -128,3 +128,52 @@ def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
     assert code == 4, stderr[-3000:]
     assert_one_line_error(stderr, last, "CorruptInputError")
     assert "corrupt record" in last
+
+
+def test_malformed_binding_is_named(tmp_path):
+    code, last, stderr = run_main(*TINY, "--gin_param=train.epochs =", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "GinSyntaxError")
+    assert "train.epochs =" in last and "name.param = value" in last
+
+
+@pytest.mark.parametrize(
+    "binding, named", [("train.eval_every = 0", "train.eval_every"), ("train.epochs = 'abc'", "train.epochs")]
+)
+def test_bad_train_value_is_refused_before_model_dir_is_written(tmp_path, binding, named):
+    model_dir = tmp_path / "m"
+    code, last, stderr = run_main(*TINY, f"--gin_param={binding}", f"--model_dir={model_dir}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "ValueError")
+    assert named in last and "integer >= 1" in last
+    # Nothing written, so the corrected command can use the same model_dir.
+    assert not (model_dir / "config.json").exists()
+
+
+def test_checkpoint_that_is_not_a_weights_file_is_named(tmp_path):
+    export_dir = tmp_path / "export" / "1"
+    export_dir.mkdir(parents=True)
+    (export_dir / "saved_model.pb").write_bytes(b"")
+    code, last, stderr = run_main(*TINY, "--mode=export", f"--checkpoint={export_dir}", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "CheckpointError")
+    assert "exported SavedModel" in last and "weights.h5" in last
+    garbage = tmp_path / "garbage.weights.h5"
+    garbage.write_bytes(b"not an HDF5 file")
+    code, last, stderr = run_main(*TINY, "--mode=eval", f"--checkpoint={garbage}", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "CheckpointError")  # not a class-count error
+    assert str(garbage) in last
+
+
+def test_reid_evaluation_of_an_export_asks_for_weights(tmp_path):
+    export_dir = tmp_path / "export" / "1"
+    export_dir.mkdir(parents=True)
+    (export_dir / "saved_model.pb").write_bytes(b"")
+    code, last, stderr = run_main(
+        "--gin_file=gin/reid/market1501_mobilenet_dhm.gin", "--mode=eval",
+        f"--checkpoint={export_dir}", f"--model_dir={tmp_path}",
+    )
+    assert code == 2
+    assert_one_line_error(stderr, last, "CheckpointError")
+    assert "embedding" in last and "weights" in last

@@ -73,6 +73,25 @@ def test_step_metrics_match_numpy_objective(mode):
     np.testing.assert_allclose(logs["top5/b2"], top5)
 
 
+def test_evaluation_losses_are_means_over_examples_with_a_short_last_batch():
+    """11 examples in batches of 8 and 3: the logged losses are the NumPy objective
+    over all 11, not the average of the two batch means (which weights each of the
+    3 last examples 8/3 times as much)."""
+    network = tiny_network()
+    model = DHMModel(network, mode="dhm")
+    model.compile(optimizer=optimization.L2SGD(0.1))
+    x, y = batch(n=11)
+    logits = {k: v.numpy() for k, v in network(x, training=False).items()}
+    total, ce, pairs = np_objective(logits, y, "dhm")
+    logs = model.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["loss"], total, rtol=1e-5)
+    np.testing.assert_allclose(logs["ce/b1"], ce["b1"], rtol=1e-5)
+    np.testing.assert_allclose(logs["mimic/b0->b2"], pairs["b0->b2"], rtol=1e-4, atol=1e-6)
+    batch_means = [np_objective({k: v[s] for k, v in logits.items()}, y[s], "dhm")[0]
+                   for s in (slice(0, 8), slice(8, 11))]
+    assert abs(np.mean(batch_means) - total) > 1e-3  # the test can tell the two apart
+
+
 def test_one_train_step_follows_the_objective_gradient():
     """One SGD step (no momentum history, no decay) moves weights by -lr * dL/dw."""
     network = tiny_network()

@@ -1,0 +1,56 @@
+"""config.json records the whole recipe, so a model_dir refuses another one.
+
+The optimizer (`build_sgd.*`) and the precision policy are bound on
+`official` builders, outside the project's config dataclasses; a resumed run
+with another learning rate would silently mix two recipes.
+"""
+
+import json
+
+import gin
+import pytest
+
+from dhm_keras import train_lib
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def write_config(model_dir, config):
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_optimizer_and_precision_are_recorded_with_their_defaults():
+    gin.parse_config("build_sgd.learning_rate = 0.05\nbuild_sgd.milestones = (2, 4)")
+    config = train_lib.current_config()
+    assert config["optimizer"]["learning_rate"] == 0.05
+    assert config["optimizer"]["milestones"] == [2, 4]  # as json reads it back
+    assert config["optimizer"]["momentum"] == 0.9  # an unbound default
+    assert "steps_per_epoch" not in config["optimizer"]  # computed, not configured
+    assert config["precision"] == {"policy": "float32"}
+
+
+def test_another_learning_rate_or_precision_is_refused(tmp_path):
+    write_config(tmp_path, train_lib.current_config())
+    gin.parse_config("build_sgd.learning_rate = 0.5")
+    with pytest.raises(train_lib.ConfigMismatchError, match=r"optimizer.learning_rate: 0.1 -> 0.5"):
+        train_lib.check_model_dir(str(tmp_path), train_lib.current_config())
+    gin.clear_config()
+    gin.parse_config("set_precision_policy.policy = 'mixed_float16'")
+    with pytest.raises(train_lib.ConfigMismatchError, match=r"precision.policy: 'float32' -> 'mixed_float16'"):
+        train_lib.check_model_dir(str(tmp_path), train_lib.current_config())
+
+
+def test_xla_and_verbosity_may_change_and_older_configs_still_resume(tmp_path):
+    write_config(tmp_path, train_lib.current_config())
+    gin.parse_config("train.jit_compile = False\ntrain.verbose = 2")
+    train_lib.check_model_dir(str(tmp_path), train_lib.current_config())  # no error
+    older = train_lib.current_config()
+    del older["optimizer"], older["precision"]  # written before they were recorded
+    write_config(tmp_path, older)
+    gin.parse_config("build_sgd.learning_rate = 0.5")
+    train_lib.check_model_dir(str(tmp_path), train_lib.current_config())  # no error
