@@ -304,9 +304,26 @@ class DHMModel(keras.Model):
 
     def test_step(self, data):
         images, labels = data[0], data[1]
-        logits = _float32(self.network(images, training=False))
+        logits = _float32(self._inference_logits(images))
         total, ce, pairs = self._objective(labels, logits, use_mask=False)
         return _reducible_logs(self._update_metrics(labels, logits, total, ce, pairs))
+
+    def _inference_logits(self, images):
+        """The heads' logits, with an empty batch answered without the network.
+
+        A replica gets an empty batch when the last evaluation batch has fewer
+        examples than there are replicas. TensorFlow 2.21's oneDNN convolution
+        (on by default on CPU) returns a wrongly shaped tensor for it and the
+        next layer fails, so the network is skipped; the metrics ignore it.
+        """
+        outputs = self.network.output
+
+        def empty():
+            return {h: tf.zeros([0, t.shape[-1]], t.dtype) for h, t in outputs.items()}
+
+        return tf.cond(
+            tf.shape(images)[0] > 0, lambda: self.network(images, training=False), empty
+        )
 
     def main_branch(self) -> keras.Model:
         """The deployable network: input -> b0 logits, sharing the trained layers."""
