@@ -10,6 +10,22 @@ import textwrap
 
 from conftest import REPO_ROOT
 
+# A three-head network small enough for a subprocess test; `batch_norm` adds a BN
+# after the convolution (BN-free keeps the replica-invariance test exact).
+NETWORK = """
+def network(batch_norm=False):
+    keras.utils.set_random_seed(0)
+    images = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(images)
+    if batch_norm:
+        x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    outs = {h: keras.layers.Dense(5, name=f"{h}_classifier")(
+                x if h == "b0" else keras.layers.Dense(6, activation="relu", name=f"{h}_fc")(x))
+            for h in ("b0", "b1", "b2")}
+    return keras.Model(images, outs)
+"""
+
 SCRIPT = textwrap.dedent(
     """
     import numpy as np, keras, tensorflow as tf
@@ -21,15 +37,7 @@ SCRIPT = textwrap.dedent(
     strategy_2 = distribute.get_strategy("mirrored", num_replicas=2)
     assert strategy_2.num_replicas_in_sync == 2
 
-    def network():
-        keras.utils.set_random_seed(0)
-        images = keras.Input((6, 6, 3))
-        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(images)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        outs = {h: keras.layers.Dense(5, name=f"{h}_classifier")(
-                    x if h == "b0" else keras.layers.Dense(6, activation="relu", name=f"{h}_fc")(x))
-                for h in ("b0", "b1", "b2")}
-        return keras.Model(images, outs)
+    {network}
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 6, 6, 3)).astype("float32")
@@ -48,7 +56,7 @@ SCRIPT = textwrap.dedent(
     print("max weight difference", diff)
     assert diff < 1e-5, diff
     """
-)
+).replace("{network}", NETWORK)
 
 
 def test_two_replicas_update_weights_like_one():
@@ -69,16 +77,7 @@ EVAL_SCRIPT = textwrap.dedent(
 
     strategy_2 = distribute.get_strategy("mirrored", num_replicas=2)
 
-    def network():
-        keras.utils.set_random_seed(0)
-        images = keras.Input((6, 6, 3))
-        x = keras.layers.Conv2D(4, 3, padding="same")(images)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
-        outs = {h: keras.layers.Dense(5, name=f"{h}_classifier")(
-                    x if h == "b0" else keras.layers.Dense(6, activation="relu", name=f"{h}_fc")(x))
-                for h in ("b0", "b1", "b2")}
-        return keras.Model(images, outs)
+    {network}
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((9, 6, 6, 3)).astype("float32")
@@ -88,13 +87,13 @@ EVAL_SCRIPT = textwrap.dedent(
     # one replica gets none (oneDNN's convolution mis-shapes an empty batch).
     for strategy, batch in ((tf.distribute.get_strategy(), 9), (strategy_2, 8)):
         with strategy.scope():
-            model = DHMModel(network(), mode="dhm")
+            model = DHMModel(network(batch_norm=True), mode="dhm")
             model.compile(optimizer=optimization.L2SGD(0.1), jit_compile=False)
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
         logs[strategy.num_replicas_in_sync] = model.evaluate(ds, return_dict=True, verbose=0)
     print("REPORT " + json.dumps({k: {m: float(v) for m, v in l.items()} for k, l in logs.items()}))
     """
-)
+).replace("{network}", NETWORK)
 
 
 def test_two_replica_evaluation_with_an_empty_replica_batch_scores_every_example():
