@@ -397,6 +397,12 @@ def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
             f"cannot load checkpoint {checkpoint}: not an HDF5 file; expected a "
             ".weights.h5 file written by this trainer"
         )
+    optimizer = exp.model.optimizer
+    if optimizer is not None and not optimizer.built:
+        # Checkpoints hold the optimizer's slots too; an unbuilt optimizer
+        # would skip them with a warning that reads like a failed load.
+        with exp.strategy.scope():
+            optimizer.build(exp.model.trainable_variables)
     try:
         exp.model.load_weights(checkpoint)
     except ValueError as e:

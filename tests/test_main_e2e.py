@@ -97,6 +97,8 @@ def test_rerun_of_finished_run_does_not_train_again(quickstart_dir):
     assert results["epochs_completed"] == 4
     assert (quickstart_dir / "export" / "2" / "saved_model.pb").exists()
     assert sorted(os.listdir(quickstart_dir / "checkpoints"))[-1] == "epoch_004.weights.h5"
+    # The checkpoint loads whole (optimizer slots included): no "Skipping variable loading".
+    assert "Skipping variable loading" not in result.stderr, result.stderr[-3000:]
 
 
 def test_misspelled_binding_is_one_clear_line(tmp_path):
