@@ -4,6 +4,9 @@
 every epoch (written atomically, so a kill never leaves half a file) and, on a
 resumed run, keeps the epochs already recorded: each epoch appears once.
 
+`BackupAndRestore` writes its backup after every other callback has recorded
+the epoch, so a kill can repeat an epoch but never skip one.
+
 `NonFiniteLossGuard` stops training at the first NaN/inf loss by raising,
 which (unlike Keras' `TerminateOnNaN`, which lets the epoch end) keeps the
 epoch-end callbacks from saving the broken weights over the last good
@@ -19,16 +22,31 @@ from typing import Optional
 
 import keras
 
-from dhm_keras.errors import NonFiniteLossError
+from dhm_keras.errors import NonFiniteLossError, RunFileError
 
 RESULTS_FILE = "results.json"
 
 
-def _atomic_write_json(path: str, payload: dict) -> None:
+def write_json_atomically(path: str, payload: dict) -> None:
+    """Writes a temporary file and renames it: a kill or a full disk leaves the
+    old file or the new one, never half of one."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    """A model_dir JSON file, or a `RunFileError` naming it if it does not parse."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RunFileError(
+            f"{path} is not valid JSON ({e}); it was probably cut short (written by an older "
+            "version, a crash or a full disk): restore it from a copy, or delete it"
+        ) from e
 
 
 # Re-identification runs are scored by retrieval (RetrievalEvaluator's logs).
@@ -70,8 +88,7 @@ class ResultsWriter(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # A resumed run (BackupAndRestore) keeps what the killed run finished.
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                previous = json.load(f)
+            previous = read_json(self.path)
             self.history = {int(e["epoch"]): e for e in previous.get("history", [])}
 
     def on_epoch_end(self, epoch, logs=None):
@@ -105,8 +122,38 @@ class ResultsWriter(keras.callbacks.Callback):
             payload["split"] = split
             payload["best"] = {"epoch": best["epoch"], **head_accuracies(best[split])}
             payload["last"] = {"epoch": scored[-1]["epoch"], **head_accuracies(scored[-1][split])}
-        _atomic_write_json(self.path, payload)
+        write_json_atomically(self.path, payload)
         return payload
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, saving at the END of the epoch-end callbacks.
+
+    It must come first in the callback list, so that its restore (at train
+    begin) precedes everything; but Keras would then also save the backup
+    first at each epoch end. A kill between that save and ResultsWriter's
+    record of the epoch made the resumed run skip the epoch without ever
+    recording it, so results.json never reached "completed", the finished
+    run's backup was deleted and the next re-run trained from scratch. Put
+    `save_point()` last in the list: the backup is then written only after
+    the checkpoint and results.json hold the epoch, and a kill in between just
+    repeats that epoch.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass  # see save_point()
+
+    def save_point(self) -> keras.callbacks.Callback:
+        return _BackupSavePoint(self)
+
+
+class _BackupSavePoint(keras.callbacks.Callback):
+    def __init__(self, backup: BackupAndRestore):
+        super().__init__()
+        self.backup = backup
+
+    def on_epoch_end(self, epoch, logs=None):
+        keras.callbacks.BackupAndRestore.on_epoch_end(self.backup, epoch, logs)
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):

@@ -28,6 +28,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint path that is not a loadable weights file of this trainer."""
 
 
+class RunFileError(UserError, ValueError):
+    """A file in the model directory (config.json, results.json) is unreadable."""
+
+
 class GinSyntaxError(UserError, ValueError):
     """A Gin file or `--gin_param` binding that does not parse."""
 

@@ -76,13 +76,13 @@ def run(argv) -> dict:
 def main(argv) -> None:
     try:
         result = run(argv)
-    except (UserError, ValueError, FileNotFoundError, KeyError) as error:
+    except (UserError, ValueError, OSError, KeyError) as error:  # OSError: full/read-only disk...
         if FLAGS.debug:
             raise
         message = str(error).strip().splitlines()
         print(f"error: {type(error).__name__}: {' '.join(message)}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 2))
-    summary = {k: result[k] for k in ("best", "last", "export", "metrics") if k in result}
+    summary = {k: result[k] for k in ("split", "best", "last", "checkpoint", "export", "metrics") if k in result}
     logging.info("done: %s", json.dumps(summary))
     print(json.dumps(summary, indent=2))
 

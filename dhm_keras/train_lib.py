@@ -37,6 +37,7 @@ from dhm_keras import config as cfg
 from dhm_keras import data as data_lib
 from dhm_keras import errors
 from dhm_keras import models
+from dhm_keras.data import imagenet as imagenet_lib
 from dhm_keras.data import reid as reid_data
 from dhm_keras.evaluation import reid as reid_eval
 from dhm_keras.model import BernoulliBranchSampler, DHMModel
@@ -108,8 +109,7 @@ def check_model_dir(model_dir: str, config: dict) -> None:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        previous = json.load(f)
+    previous = dhm_callbacks.read_json(path)
     # A section that an older version did not record (optimizer, precision)
     # is not compared, so runs started before it was added can still resume.
     differences = [
@@ -282,9 +282,7 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
     return Experiment(strategy, info, model, train_ds, eval_ds, image_shape, config, gallery_ds)
 
 
-def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+_write_json = dhm_callbacks.write_json_atomically
 
 
 def latest_checkpoint(model_dir: str) -> Optional[str]:
@@ -308,22 +306,29 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
     os.makedirs(model_dir, exist_ok=True)
     results_path = os.path.join(model_dir, dhm_callbacks.RESULTS_FILE)
     if os.path.exists(results_path):
-        with open(results_path) as f:
-            if json.load(f).get("completed"):
-                logging.info("%s already holds a finished run; nothing to train.", model_dir)
-                return export(model_dir, data_dir, experiment=exp) if chief else {}
+        results = dhm_callbacks.read_json(results_path)
+        if results.get("completed"):
+            logging.info("%s already holds a finished run; nothing to train.", model_dir)
+            if not chief:
+                return {}
+            exported = export(model_dir, data_dir, experiment=exp)
+            results["export"] = exported["export"]  # the newest version, as after training
+            _write_json(results_path, results)
+            return {**results, **exported}
     if chief:
         _write_json(os.path.join(model_dir, "config.json"), exp.config)
         with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
 
+    # First, so every other callback sees the restored epoch and weights; its
+    # epoch-end save comes last (backup.save_point() below). A non-chief
+    # worker backs up to a private copy, never into model_dir.
+    backup = dhm_callbacks.BackupAndRestore(
+        distribute.worker_backup_dir(os.path.join(model_dir, "backup"), exp.strategy),
+        double_checkpoint=True,
+    )
     callbacks = [
-        # First, so every other callback sees the restored epoch and weights.
-        # A non-chief worker backs up to a private copy, never into model_dir.
-        keras.callbacks.BackupAndRestore(
-            distribute.worker_backup_dir(os.path.join(model_dir, "backup"), exp.strategy),
-            double_checkpoint=True,
-        ),
+        backup,
         BernoulliBranchSampler(train_cfg.seed),
         dhm_callbacks.NonFiniteLossGuard(os.path.join(model_dir, "checkpoints")),
     ]
@@ -356,6 +361,7 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
                     log_dir=os.path.join(model_dir, "logs", "train"),
                 )
             )
+    callbacks.append(backup.save_point())
     with input_errors_are_clear("training or evaluation"):
         exp.model.fit(
             distribute.shard_by_data(exp.train_ds),
@@ -371,8 +377,7 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
         )
     if not chief:
         return {}
-    with open(results_path) as f:
-        results = json.load(f)
+    results = dhm_callbacks.read_json(results_path)
     results["export"] = export_main_branch(exp, model_dir)
     _write_json(results_path, results)
     return results
@@ -405,6 +410,12 @@ def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
             optimizer.build(exp.model.trainable_variables)
     try:
         exp.model.load_weights(checkpoint)
+    except OSError as e:  # h5py: truncated or unreadable file
+        raise errors.CheckpointError(
+            f"cannot read checkpoint {checkpoint} ({' '.join(str(e).split())[:200]}); a crash "
+            "while it was saved can truncate the newest one: pass an earlier epoch's file "
+            "with --checkpoint"
+        ) from e
     except ValueError as e:
         # Keras names the first variable that does not fit; add what most
         # likely caused it. Only classifiers depend on the class count.
@@ -508,6 +519,7 @@ def evaluate_export(export_path: str, data_dir: Optional[str] = None) -> dict:
         global_batch_size=cfg.TrainConfig().batch_size,
         training=False,
         image_size=image_size,
+        eval_resize=dataset.eval_resize,
         cache=False,
         mean=(0.0, 0.0, 0.0),
         std=(1 / 255.0,) * 3,
@@ -526,6 +538,16 @@ def evaluate_export(export_path: str, data_dir: Optional[str] = None) -> dict:
     }
 
 
+def serving_decode(dataset: cfg.DatasetConfig, hw: tuple):
+    """Encoded image -> uint8 pixels [H, W, 3], as the evaluation pipeline makes
+    them (antialiased resize; with `dataset.eval_resize`, shorter side then
+    centre crop), so that `serving_bytes` scores what evaluation scored."""
+    hw = (int(hw[0]), int(hw[1]))
+    if dataset.eval_resize is not None and not reid_data.is_reid_dataset(dataset.name):
+        return lambda encoded: imagenet_lib.resize_and_centre_crop(encoded, int(dataset.eval_resize), hw)
+    return lambda encoded: imagenet_lib.resize_to_uint8(imagenet_lib.decode_rgb(encoded), hw)
+
+
 def export_main_branch(exp: Experiment, model_dir: str) -> str:
     """SavedModel of b0 only, normalisation inside, under model_dir/export/<version>."""
     dataset = cfg.DatasetConfig()
@@ -535,6 +557,7 @@ def export_main_branch(exp: Experiment, model_dir: str) -> str:
         os.path.join(model_dir, "export"),
         exp.image_shape,
         preprocess=lambda pixels: data_lib.normalize(pixels, mean, std),
+        decode=serving_decode(dataset, exp.image_shape[:2]),
     )
 
 

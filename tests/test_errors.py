@@ -177,3 +177,27 @@ def test_reid_evaluation_of_an_export_asks_for_weights(tmp_path):
     assert code == 2
     assert_one_line_error(stderr, last, "CheckpointError")
     assert "embedding" in last and "weights" in last
+
+
+def test_truncated_results_file_is_named(tmp_path):
+    (tmp_path / "results.json").write_text('{"completed": true, "hist')
+    code, last, stderr = run_main(*TINY, f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "RunFileError")
+    assert str(tmp_path / "results.json") in last and "not valid JSON" in last
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
+    from dhm_keras import models
+    from dhm_keras.model import DHMModel
+
+    checkpoint = tmp_path / "epoch_001.weights.h5"
+    network = models.build("resnet32", 10, mode="dhm", input_shape=(32, 32, 3), blocks_per_stage=1)
+    DHMModel(network, mode="dhm").save_weights(str(checkpoint))
+    keras.backend.clear_session()
+    payload = checkpoint.read_bytes()
+    checkpoint.write_bytes(payload[: len(payload) // 2])  # a kill during the save
+    code, last, stderr = run_main(*TINY, "--mode=eval", f"--checkpoint={checkpoint}", f"--model_dir={tmp_path}")
+    assert code == 2
+    assert_one_line_error(stderr, last, "CheckpointError")
+    assert str(checkpoint) in last and "earlier" in last

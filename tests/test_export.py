@@ -164,3 +164,96 @@ def test_eval_of_an_export_with_another_image_size_is_refused(exported, tmp_path
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ImageSizeError:") and "32x32" in last and "40x40" in last
+
+
+def tiny_classifier(hw=(32, 32), classes=7):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = keras.Input((*hw, 3))
+    x = keras.layers.Conv2D(4, 3, strides=4, activation="relu")(images)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(images, keras.layers.Dense(classes)(x))
+
+
+def test_versions_appear_whole_and_a_taken_number_is_skipped(tmp_path, monkeypatch):
+    base = str(tmp_path / "export")
+    model = tiny_classifier()
+    first = export_lib.export_image_classifier(model, base, SHAPE, preprocess=lambda x: x / 255.0)
+    # Another exporter takes version 2 between our numbering and our rename:
+    # next_version still answers 2 once; the rename must move on to 3.
+    answers = iter([2])
+    real_next_version = export_lib.next_version
+    monkeypatch.setattr(export_lib, "next_version", lambda d: next(answers, None) or real_next_version(d))
+    os.makedirs(os.path.join(base, "2"))
+    third = export_lib.export_image_classifier(model, base, SHAPE, preprocess=lambda x: x / 255.0)
+    assert (first, third) == (os.path.join(base, "1"), os.path.join(base, "3"))
+    assert os.path.exists(os.path.join(third, "saved_model.pb"))
+    with pytest.raises(tf.errors.OpError):  # an explicit version that exists is not overwritten
+        export_lib.export_image_classifier(model, base, SHAPE, preprocess=lambda x: x / 255.0, version=1)
+    assert sorted(os.listdir(base)) == ["1", "2", "3"]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("eval_resize", [None, 40])
+def test_bytes_signature_sees_what_evaluation_sees(tmp_path, eval_resize):
+    """serving_bytes brings an image of any size to the model the way the
+    evaluation pipeline does (antialiased resize; with eval_resize, shorter
+    side then centre crop), not by squashing it."""
+    from dhm_keras import config as cfg
+    from dhm_keras import train_lib
+    model = tiny_classifier()
+    dataset = cfg.DatasetConfig(name="cifar10_jpeg", eval_resize=eval_resize)
+    path = export_lib.export_image_classifier(
+        model, str(tmp_path / "export"), SHAPE, preprocess=lambda x: x / 255.0,
+        decode=train_lib.serving_decode(dataset, SHAPE[:2]),
+    )
+    served = tf.saved_model.load(path).signatures
+    image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    png = tf.io.encode_png(image)
+    if eval_resize:  # 48x64 -> 40x53, centre 32x32 (rows 4..35, columns 10..41)
+        resized = tf.image.resize(image, (40, 53), antialias=True)
+        pixels = resized[4:36, 10:42]
+    else:
+        pixels = tf.image.resize(image, (32, 32), antialias=True)
+    pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)[None]
+    by_bytes = served["serving_bytes"](image_bytes=png[None])["logits"].numpy()
+    by_pixels = served["serving_default"](images=pixels)["logits"].numpy()
+    np.testing.assert_allclose(by_bytes, by_pixels, atol=1e-5)
+    squashed = tf.cast(tf.image.resize(image, (32, 32)), tf.uint8)[None]
+    if eval_resize:  # and the test can tell the crop from a squash
+        assert np.abs(served["serving_default"](images=squashed)["logits"].numpy() - by_bytes).max() > 1e-3
+
+
+def test_scoring_an_export_applies_eval_resize(tmp_path, monkeypatch):
+    """`--mode=eval` on an export crops like checkpoint evaluation does."""
+    import gin
+
+    from dhm_keras import train_lib
+    from dhm_keras.main import parse_gin
+
+    hw, split = (24, 24), "test[:64]"
+    model = tiny_classifier(hw, classes=10)
+    path = export_lib.export_image_classifier(
+        model, str(tmp_path / "export"), (*hw, 3), preprocess=lambda x: data_lib.normalize(x, MEAN, STD)
+    )
+    requests = []
+    make_dataset = data_lib.make_dataset
+    monkeypatch.setattr(data_lib, "make_dataset", lambda *a, **k: requests.append(k) or make_dataset(*a, **k))
+    gin.clear_config()
+    try:
+        parse_gin(["gin/quickstart.gin"], [f"dataset.eval_split = '{split}'",
+                                           f"dataset.image_size = {hw}", "dataset.eval_resize = 28"])
+        metrics = train_lib.evaluate_export(path, f"{REPO_ROOT}/quickstart_data")["metrics"]
+    finally:
+        gin.clear_config()
+    ds = make_dataset("cifar10_jpeg", split, data_dir=f"{REPO_ROOT}/quickstart_data",
+                      global_batch_size=64, training=False, image_size=hw, eval_resize=28)
+    x, y = next(iter(ds))
+    top1 = float(np.mean(np.argmax(model(x).numpy(), -1) == y.numpy()))
+    squashed = make_dataset("cifar10_jpeg", split, data_dir=f"{REPO_ROOT}/quickstart_data",
+                            global_batch_size=64, training=False, image_size=hw)
+    xs, _ = next(iter(squashed))
+    assert not np.allclose(x.numpy(), xs.numpy(), atol=1.0)  # the crop is not the squash
+    assert [(r["image_size"], r["eval_resize"]) for r in requests] == [(hw, 28)]
+    assert metrics["examples"] == 64
+    assert metrics["top1/b0"] == pytest.approx(top1, abs=1 / 64 + 1e-9)  # one near-tie may flip

@@ -96,6 +96,7 @@ def test_rerun_of_finished_run_does_not_train_again(quickstart_dir):
     results = json.loads((quickstart_dir / "results.json").read_text())
     assert results["epochs_completed"] == 4
     assert (quickstart_dir / "export" / "2" / "saved_model.pb").exists()
+    assert results["export"] == str(quickstart_dir / "export" / "2")  # results.json names the newest
     assert sorted(os.listdir(quickstart_dir / "checkpoints"))[-1] == "epoch_004.weights.h5"
     # The checkpoint loads whole (optimizer slots included): no "Skipping variable loading".
     assert "Skipping variable loading" not in result.stderr, result.stderr[-3000:]

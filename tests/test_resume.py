@@ -64,3 +64,42 @@ def test_sigkill_mid_epoch_then_rerun_finishes_every_epoch_once(tmp_path):
         mask = sample_branch_mask(0, entry["epoch"] - 1, ["b1", "b2"], 0.5)
         assert entry["train"]["active/b1"] == mask["b1"] and entry["train"]["active/b2"] == mask["b2"]
     assert (model_dir / "export" / "1" / "saved_model.pb").exists()
+
+
+def test_backup_is_written_only_after_the_epoch_is_recorded(tmp_path, monkeypatch):
+    """A kill between the backup and the record of an epoch must not skip that epoch.
+
+    Spies on every backup save: by then the epoch's checkpoint and its
+    results.json entry must exist (otherwise a resumed run would skip an epoch it
+    never recorded and the run could never be "completed").
+    """
+    import gin
+    import keras
+
+    from dhm_keras import train_lib
+    from dhm_keras.main import parse_gin
+
+    model_dir = tmp_path / "run"
+    seen = []
+    save = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def spy(self, epoch, logs=None):
+        results = model_dir / "results.json"
+        recorded = [e["epoch"] for e in json.loads(results.read_text())["history"]] if results.exists() else []
+        checkpoint = model_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.weights.h5"
+        seen.append((epoch + 1, recorded, checkpoint.exists()))
+        return save(self, epoch, logs)
+
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", spy)
+    gin.clear_config()
+    try:
+        parse_gin(["gin/quickstart.gin"], [
+            "dataset.train_split = 'train[:128]'", "dataset.eval_split = 'test[:64]'",
+            "train.batch_size = 64", "train.epochs = 2", "train.verbose = 0",
+            "model.overrides = {'blocks_per_stage': 1}",
+        ])
+        results = train_lib.train(str(model_dir))
+    finally:
+        gin.clear_config()
+    assert seen == [(1, [1], True), (2, [1, 2], True)]
+    assert results["completed"]
