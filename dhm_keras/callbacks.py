@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Optional
 
 import keras
@@ -154,6 +155,34 @@ class _BackupSavePoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         keras.callbacks.BackupAndRestore.on_epoch_end(self.backup, epoch, logs)
+
+
+class CheckpointRetention(keras.callbacks.Callback):
+    """Deletes epoch checkpoints beyond the newest `keep`, sparing the best epoch's.
+
+    Runs after ModelCheckpoint and ResultsWriter, so the epoch just saved and
+    the best epoch recorded in results.json are known; resuming never needs
+    these files (the backup directory holds the resume state).
+    """
+
+    def __init__(self, checkpoint_dir: str, keep: int, results_path: str):
+        super().__init__()
+        self.checkpoint_dir, self.keep, self.results_path = checkpoint_dir, int(keep), results_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        pattern = re.compile(r"epoch_(\d+)\.weights\.h5$")
+        saved = {}
+        for name in os.listdir(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else ():
+            match = pattern.match(name)
+            if match:
+                saved[int(match.group(1))] = name
+        spare = set(sorted(saved)[-self.keep:])
+        if os.path.exists(self.results_path):
+            best = read_json(self.results_path).get("best", {}).get("epoch")
+            spare.add(best)
+        for epoch_number, name in saved.items():
+            if epoch_number not in spare:
+                os.remove(os.path.join(self.checkpoint_dir, name))
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):

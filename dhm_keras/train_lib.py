@@ -97,11 +97,16 @@ def current_config(data_dir: Optional[str] = None) -> dict:
 
 
 # Fields that may change between attempts on one model_dir without making it
-# a different experiment: where the data lives, how chatty the log is, and
-# whether XLA compiles the step (speed, not recipe; `auto` resolves differently
+# a different experiment: where the data lives, how chatty the log is, how
+# many checkpoints are kept, and whether XLA compiles the step (speed, not recipe; `auto` resolves differently
 # on a CPU and a GPU machine). The strategy is not recorded at all, so a run may
 # resume on another number of devices with the same global batch.
-_MAY_DIFFER = {("dataset", "data_dir"), ("train", "verbose"), ("train", "jit_compile")}
+_MAY_DIFFER = {
+    ("dataset", "data_dir"),
+    ("train", "verbose"),
+    ("train", "jit_compile"),
+    ("train", "keep_checkpoints"),
+}
 
 
 def check_model_dir(model_dir: str, config: dict) -> None:
@@ -346,6 +351,10 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
             keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
             dhm_callbacks.ResultsWriter(model_dir, train_cfg.epochs, exp.config),
         ]
+        if train_cfg.keep_checkpoints:
+            callbacks.append(dhm_callbacks.CheckpointRetention(
+                os.path.join(model_dir, "checkpoints"), train_cfg.keep_checkpoints, results_path
+            ))
         every = cfg.DiagnosticsConfig().gradient_consistency_every
         if every > 0 and distribute.is_multi_worker(exp.strategy):
             # A chief-only callback must not run computations the other

@@ -67,7 +67,8 @@ def test_sigkill_mid_epoch_then_rerun_finishes_every_epoch_once(tmp_path):
 
 
 def test_backup_is_written_only_after_the_epoch_is_recorded(tmp_path, monkeypatch):
-    """A kill between the backup and the record of an epoch must not skip that epoch.
+    """A kill between the backup and the record of an epoch must not skip that epoch
+    (and, on the same run, `train.keep_checkpoints` prunes after the record).
 
     Spies on every backup save: by then the epoch's checkpoint and its
     results.json entry must exist (otherwise a resumed run would skip an epoch it
@@ -95,11 +96,14 @@ def test_backup_is_written_only_after_the_epoch_is_recorded(tmp_path, monkeypatc
     try:
         parse_gin(["gin/quickstart.gin"], [
             "dataset.train_split = 'train[:128]'", "dataset.eval_split = 'test[:64]'",
-            "train.batch_size = 64", "train.epochs = 2", "train.verbose = 0",
-            "model.overrides = {'blocks_per_stage': 1}",
+            "train.batch_size = 64", "train.epochs = 3", "train.verbose = 0",
+            "model.overrides = {'blocks_per_stage': 1}", "train.keep_checkpoints = 1",
         ])
         results = train_lib.train(str(model_dir))
     finally:
         gin.clear_config()
-    assert seen == [(1, [1], True), (2, [1, 2], True)]
+    assert seen == [(1, [1], True), (2, [1, 2], True), (3, [1, 2, 3], True)]
     assert results["completed"]
+    # train.keep_checkpoints = 1: the newest epoch's checkpoint and the best one's.
+    kept = sorted(p.name for p in (model_dir / "checkpoints").iterdir())
+    assert kept == sorted({f"epoch_{results['best']['epoch']:03d}.weights.h5", "epoch_003.weights.h5"})
