@@ -98,9 +98,10 @@ def current_config(data_dir: Optional[str] = None) -> dict:
 
 # Fields that may change between attempts on one model_dir without making it
 # a different experiment: where the data lives, how chatty the log is, how
-# many checkpoints are kept, and whether XLA compiles the step (speed, not recipe; `auto` resolves differently
-# on a CPU and a GPU machine). The strategy is not recorded at all, so a run may
-# resume on another number of devices with the same global batch.
+# many checkpoints are kept, and whether XLA compiles the step (speed, not
+# recipe; `auto` resolves differently on a CPU and a GPU machine). The strategy
+# is not recorded at all, so a run may resume on another number of devices
+# with the same global batch.
 _MAY_DIFFER = {
     ("dataset", "data_dir"),
     ("train", "verbose"),
