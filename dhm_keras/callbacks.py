@@ -50,6 +50,23 @@ def read_json(path: str) -> dict:
         ) from e
 
 
+_EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.weights\.h5$")
+
+
+def epoch_checkpoints(checkpoint_dir: str) -> dict:
+    """{epoch: path} of the `epoch_NNN.weights.h5` files ModelCheckpoint wrote
+    (empty if the folder does not exist). Epochs are compared as numbers, so
+    epoch 1000 comes after epoch 999."""
+    if not os.path.isdir(checkpoint_dir):
+        return {}
+    found = {}
+    for name in os.listdir(checkpoint_dir):
+        match = _EPOCH_CHECKPOINT.match(name)
+        if match:
+            found[int(match.group(1))] = os.path.join(checkpoint_dir, name)
+    return found
+
+
 # Re-identification runs are scored by retrieval (RetrievalEvaluator's logs).
 RETRIEVAL_METRICS = ("rank1", "rank5", "rank10", "mAP")
 
@@ -170,19 +187,13 @@ class CheckpointRetention(keras.callbacks.Callback):
         self.checkpoint_dir, self.keep, self.results_path = checkpoint_dir, int(keep), results_path
 
     def on_epoch_end(self, epoch, logs=None):
-        pattern = re.compile(r"epoch_(\d+)\.weights\.h5$")
-        saved = {}
-        for name in os.listdir(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else ():
-            match = pattern.match(name)
-            if match:
-                saved[int(match.group(1))] = name
+        saved = epoch_checkpoints(self.checkpoint_dir)
         spare = set(sorted(saved)[-self.keep:])
         if os.path.exists(self.results_path):
-            best = read_json(self.results_path).get("best", {}).get("epoch")
-            spare.add(best)
-        for epoch_number, name in saved.items():
+            spare.add(read_json(self.results_path).get("best", {}).get("epoch"))
+        for epoch_number, path in saved.items():
             if epoch_number not in spare:
-                os.remove(os.path.join(self.checkpoint_dir, name))
+                os.remove(path)
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):
@@ -208,11 +219,8 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
         if loss is None or math.isfinite(float(loss)):
             return
         step = int(self.model.optimizer.iterations.numpy())
-        last_good = "none yet (it failed in the first epoch)"
-        if self.checkpoint_dir and os.path.isdir(self.checkpoint_dir):
-            saved = sorted(f for f in os.listdir(self.checkpoint_dir) if f.endswith(".weights.h5"))
-            if saved:
-                last_good = os.path.join(self.checkpoint_dir, saved[-1])
+        saved = epoch_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else {}
+        last_good = saved[max(saved)] if saved else "none yet (it failed in the first epoch)"
         raise NonFiniteLossError(
             f"training loss became {float(loss)} at step {step} (epoch {self.epoch + 1}, "
             f"batch {batch + 1}); stopped without saving this epoch. Last good checkpoint: "

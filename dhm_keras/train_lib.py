@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import glob
 import inspect
 import json
 import os
@@ -292,8 +291,8 @@ _write_json = dhm_callbacks.write_json_atomically
 
 
 def latest_checkpoint(model_dir: str) -> Optional[str]:
-    files = sorted(glob.glob(os.path.join(model_dir, "checkpoints", "epoch_*.weights.h5")))
-    return files[-1] if files else None
+    saved = dhm_callbacks.epoch_checkpoints(os.path.join(model_dir, "checkpoints"))
+    return saved[max(saved)] if saved else None
 
 
 def evaluation_epochs(epochs: int, every: int) -> list:

@@ -38,3 +38,16 @@ def test_best_among_the_newest_keeps_exactly_n(tmp_path):
 def test_bad_values_are_refused(keep):
     with pytest.raises(ValueError, match="train.keep_checkpoints"):
         cfg.TrainConfig(keep_checkpoints=keep)
+
+
+def test_epoch_checkpoints_are_numbered_not_sorted_as_text(tmp_path):
+    from dhm_keras.callbacks import epoch_checkpoints
+    from dhm_keras.train_lib import latest_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name in ("epoch_999.weights.h5", "epoch_1000.weights.h5", "epoch_002.weights.h5.tmp", "notes.txt"):
+        (checkpoints / name).write_bytes(b"w")
+    assert sorted(epoch_checkpoints(str(checkpoints))) == [999, 1000]
+    assert latest_checkpoint(str(tmp_path)) == str(checkpoints / "epoch_1000.weights.h5")
+    assert epoch_checkpoints(str(tmp_path / "missing")) == {}
