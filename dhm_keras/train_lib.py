@@ -110,7 +110,10 @@ _MAY_DIFFER = {
 
 
 def check_model_dir(model_dir: str, config: dict) -> None:
-    """Refuses to mix two configurations in one model directory."""
+    """Refuses to mix two configurations in one model directory.
+
+    `config` is `current_config()`'s, already in the JSON form config.json reads back.
+    """
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         return
@@ -123,7 +126,7 @@ def check_model_dir(model_dir: str, config: dict) -> None:
         if section in previous
         for key, value in fields.items()
         if (section, key) not in _MAY_DIFFER
-        and json.loads(json.dumps(value)) != previous[section].get(key)
+        and value != previous[section].get(key)
     ]
     if differences:
         raise ConfigMismatchError(
@@ -287,9 +290,6 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
     return Experiment(strategy, info, model, train_ds, eval_ds, image_shape, config, gallery_ds)
 
 
-_write_json = dhm_callbacks.write_json_atomically
-
-
 def latest_checkpoint(model_dir: str) -> Optional[str]:
     saved = dhm_callbacks.epoch_checkpoints(os.path.join(model_dir, "checkpoints"))
     return saved[max(saved)] if saved else None
@@ -318,10 +318,10 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
                 return {}
             exported = export(model_dir, data_dir, experiment=exp)
             results["export"] = exported["export"]  # the newest version, as after training
-            _write_json(results_path, results)
+            dhm_callbacks.write_json_atomically(results_path, results)
             return {**results, **exported}
     if chief:
-        _write_json(os.path.join(model_dir, "config.json"), exp.config)
+        dhm_callbacks.write_json_atomically(os.path.join(model_dir, "config.json"), exp.config)
         with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
 
@@ -388,7 +388,7 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
         return {}
     results = dhm_callbacks.read_json(results_path)
     results["export"] = export_main_branch(exp, model_dir)
-    _write_json(results_path, results)
+    dhm_callbacks.write_json_atomically(results_path, results)
     return results
 
 
@@ -495,7 +495,7 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
                 )
         result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
     os.makedirs(model_dir, exist_ok=True)
-    _write_json(os.path.join(model_dir, "eval.json"), result)
+    dhm_callbacks.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
     return result
 
 
