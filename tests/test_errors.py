@@ -150,10 +150,17 @@ def test_bad_train_value_is_refused_before_model_dir_is_written(tmp_path, bindin
     assert not (model_dir / "config.json").exists()
 
 
-def test_checkpoint_that_is_not_a_weights_file_is_named(tmp_path):
+def fake_export(tmp_path):
+    """A folder that looks like an export version (saved_model.pb present): the
+    checks under test refuse it before anything would load it."""
     export_dir = tmp_path / "export" / "1"
     export_dir.mkdir(parents=True)
     (export_dir / "saved_model.pb").write_bytes(b"")
+    return export_dir
+
+
+def test_checkpoint_that_is_not_a_weights_file_is_named(tmp_path):
+    export_dir = fake_export(tmp_path)
     code, last, stderr = run_main(*TINY, "--mode=export", f"--checkpoint={export_dir}", f"--model_dir={tmp_path}")
     assert code == 2
     assert_one_line_error(stderr, last, "CheckpointError")
@@ -167,9 +174,7 @@ def test_checkpoint_that_is_not_a_weights_file_is_named(tmp_path):
 
 
 def test_reid_evaluation_of_an_export_asks_for_weights(tmp_path):
-    export_dir = tmp_path / "export" / "1"
-    export_dir.mkdir(parents=True)
-    (export_dir / "saved_model.pb").write_bytes(b"")
+    export_dir = fake_export(tmp_path)
     code, last, stderr = run_main(
         "--gin_file=gin/reid/market1501_mobilenet_dhm.gin", "--mode=eval",
         f"--checkpoint={export_dir}", f"--model_dir={tmp_path}",
