@@ -15,57 +15,14 @@ checkpoint and backup.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from typing import Optional
 
 import keras
 
-from dhm_keras.errors import NonFiniteLossError, RunFileError
-
-RESULTS_FILE = "results.json"
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    """Writes a temporary file and renames it: a kill or a full disk leaves the
-    old file or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict:
-    """A model_dir JSON file, or a `RunFileError` naming it if it does not parse."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunFileError(
-            f"{path} is not valid JSON ({e}); it was probably cut short (written by an older "
-            "version, a crash or a full disk): restore it from a copy, or delete it"
-        ) from e
-
-
-_EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.weights\.h5$")
-
-
-def epoch_checkpoints(checkpoint_dir: str) -> dict:
-    """{epoch: path} of the `epoch_NNN.weights.h5` files ModelCheckpoint wrote
-    (empty if the folder does not exist). Epochs are compared as numbers, so
-    epoch 1000 comes after epoch 999."""
-    if not os.path.isdir(checkpoint_dir):
-        return {}
-    found = {}
-    for name in os.listdir(checkpoint_dir):
-        match = _EPOCH_CHECKPOINT.match(name)
-        if match:
-            found[int(match.group(1))] = os.path.join(checkpoint_dir, name)
-    return found
-
+from dhm_keras.errors import NonFiniteLossError
+from dhm_keras.model_dir import RESULTS_FILE, epoch_checkpoints, read_json, write_json_atomically
 
 # Re-identification runs are scored by retrieval (RetrievalEvaluator's logs).
 RETRIEVAL_METRICS = ("rank1", "rank5", "rank10", "mAP")

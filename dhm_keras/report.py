@@ -12,7 +12,8 @@ mimicking / train sections) flattened to ``section.key`` fields, plus the bindin
 ``operative_config.gin`` of other configurables (e.g. ``build_sgd.learning_rate``), so
 runs differing only in their optimizer recipe are not pooled. Not part of the
 configuration (seed axis or execution details): train.seed, dataset.label_noise_seed,
-dataset.data_dir, dataset.cache, train.verbose, train.jit_compile, train.deterministic
+dataset.data_dir, dataset.cache, train.verbose, train.jit_compile, train.deterministic,
+train.keep_checkpoints (`dhm_keras.model_dir` owns both lists)
 and the ``get_strategy`` and ``diagnostics`` bindings. A row is labelled ``dataset / model / mode`` (plus
 ``noise=r``) and every other field whose value differs between the rows.
 
@@ -33,18 +34,11 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-RESULTS_FILE = "results.json"  # dhm_keras.callbacks.RESULTS_FILE (not imported: no TF here)
+from dhm_keras import model_dir as model_dir_lib
 
+RESULTS_FILE = model_dir_lib.RESULTS_FILE
 # Fields that are the seed axis or do not change the experiment.
-IGNORED_FIELDS = {
-    "train.seed",
-    "dataset.label_noise_seed",
-    "dataset.data_dir",
-    "dataset.cache",
-    "train.verbose",
-    "train.jit_compile",
-    "train.deterministic",
-}
+IGNORED_FIELDS = model_dir_lib.EXECUTION_FIELDS | model_dir_lib.SEED_FIELDS
 # Gin configurables whose bindings do not change the experiment (strategy, diagnostics)
 # or are already in config.json.
 IGNORED_GIN_SELECTORS = {"get_strategy", "diagnostics", "dataset", "model", "mimicking", "train"}

@@ -35,6 +35,7 @@ from dhm_keras import callbacks as dhm_callbacks
 from dhm_keras import config as cfg
 from dhm_keras import data as data_lib
 from dhm_keras import errors
+from dhm_keras import model_dir as model_dir_lib
 from dhm_keras import models
 from dhm_keras.data import imagenet as imagenet_lib
 from dhm_keras.data import reid as reid_data
@@ -95,39 +96,15 @@ def current_config(data_dir: Optional[str] = None) -> dict:
     }))
 
 
-# Fields that may change between attempts on one model_dir without making it
-# a different experiment: where the data lives, how chatty the log is, how
-# many checkpoints are kept, and whether XLA compiles the step (speed, not
-# recipe; `auto` resolves differently on a CPU and a GPU machine). The strategy
-# is not recorded at all, so a run may resume on another number of devices
-# with the same global batch.
-_MAY_DIFFER = {
-    ("dataset", "data_dir"),
-    ("train", "verbose"),
-    ("train", "jit_compile"),
-    ("train", "keep_checkpoints"),
-}
-
-
 def check_model_dir(model_dir: str, config: dict) -> None:
     """Refuses to mix two configurations in one model directory.
 
     `config` is `current_config()`'s, already in the JSON form config.json reads back.
     """
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
+    config_path = model_dir_lib.path(model_dir, model_dir_lib.CONFIG_FILE)
+    if not os.path.exists(config_path):
         return
-    previous = dhm_callbacks.read_json(path)
-    # A section that an older version did not record (optimizer, precision)
-    # is not compared, so runs started before it was added can still resume.
-    differences = [
-        f"{section}.{key}: {previous[section].get(key)!r} -> {value!r}"
-        for section, fields in config.items()
-        if section in previous
-        for key, value in fields.items()
-        if (section, key) not in _MAY_DIFFER
-        and value != previous[section].get(key)
-    ]
+    differences = model_dir_lib.config_differences(model_dir_lib.read_json(config_path), config)
     if differences:
         raise ConfigMismatchError(
             f"model_dir {model_dir} holds a run with a different configuration "
@@ -290,11 +267,6 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
     return Experiment(strategy, info, model, train_ds, eval_ds, image_shape, config, gallery_ds)
 
 
-def latest_checkpoint(model_dir: str) -> Optional[str]:
-    saved = dhm_callbacks.epoch_checkpoints(os.path.join(model_dir, "checkpoints"))
-    return saved[max(saved)] if saved else None
-
-
 def evaluation_epochs(epochs: int, every: int) -> list:
     """1-based epochs after which to evaluate: every `every`-th, and the last."""
     if every < 1:
@@ -309,19 +281,19 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
     chief = distribute.is_chief(exp.strategy)
     train_cfg = cfg.TrainConfig()
     os.makedirs(model_dir, exist_ok=True)
-    results_path = os.path.join(model_dir, dhm_callbacks.RESULTS_FILE)
+    results_path = os.path.join(model_dir, model_dir_lib.RESULTS_FILE)
     if os.path.exists(results_path):
-        results = dhm_callbacks.read_json(results_path)
+        results = model_dir_lib.read_json(results_path)
         if results.get("completed"):
             logging.info("%s already holds a finished run; nothing to train.", model_dir)
             if not chief:
                 return {}
             exported = export(model_dir, data_dir, experiment=exp)
             results["export"] = exported["export"]  # the newest version, as after training
-            dhm_callbacks.write_json_atomically(results_path, results)
+            model_dir_lib.write_json_atomically(results_path, results)
             return {**results, **exported}
     if chief:
-        dhm_callbacks.write_json_atomically(os.path.join(model_dir, "config.json"), exp.config)
+        model_dir_lib.write_json_atomically(os.path.join(model_dir, "config.json"), exp.config)
         with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
 
@@ -386,14 +358,14 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
         )
     if not chief:
         return {}
-    results = dhm_callbacks.read_json(results_path)
+    results = model_dir_lib.read_json(results_path)
     results["export"] = export_main_branch(exp, model_dir)
-    dhm_callbacks.write_json_atomically(results_path, results)
+    model_dir_lib.write_json_atomically(results_path, results)
     return results
 
 
 def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
-    checkpoint = checkpoint or latest_checkpoint(model_dir)
+    checkpoint = checkpoint or model_dir_lib.latest_checkpoint(model_dir)
     if not checkpoint or not os.path.exists(checkpoint):
         raise FileNotFoundError(
             f"no checkpoint to load: {checkpoint or os.path.join(model_dir, 'checkpoints')} "
@@ -495,7 +467,7 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
                 )
         result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
     os.makedirs(model_dir, exist_ok=True)
-    dhm_callbacks.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
+    model_dir_lib.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
     return result
 
 

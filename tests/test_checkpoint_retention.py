@@ -41,8 +41,8 @@ def test_bad_values_are_refused(keep):
 
 
 def test_epoch_checkpoints_are_numbered_not_sorted_as_text(tmp_path):
-    from dhm_keras.callbacks import epoch_checkpoints
-    from dhm_keras.train_lib import latest_checkpoint
+    from dhm_keras.model_dir import epoch_checkpoints
+    from dhm_keras.model_dir import latest_checkpoint
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

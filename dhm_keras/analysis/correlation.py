@@ -223,9 +223,9 @@ def resolve_checkpoint(model_dir: Optional[str], checkpoint: Optional[str]) -> s
         raise FileNotFoundError(f"checkpoint not found: {' or '.join(candidates)}")
     if not model_dir:
         raise ValueError("give --checkpoint (or --model_dir to use its latest checkpoint)")
-    from dhm_keras import train_lib
+    from dhm_keras import model_dir as model_dir_lib
 
-    latest = train_lib.latest_checkpoint(model_dir)
+    latest = model_dir_lib.latest_checkpoint(model_dir)
     if not latest:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(model_dir, 'checkpoints')}")
     return latest
