@@ -72,13 +72,17 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MimickingConfig:
     """The mimicking term: weight alpha, temperature T, reference smoothing
-    epsilon (0 = exact KL) and the Bernoulli participation probability of
-    Appendix D (None = every branch in every epoch)."""
+    epsilon (0 = exact KL), the Bernoulli participation probability of
+    Appendix D (None = every branch in every epoch) and the graph of who
+    mimics whom: a preset of `dhm_keras.mimicking_graph` ('all_pairs' = DHM,
+    'main_teaches', 'deep_teaches_shallow', 'shallow_teaches_deep') or a list
+    of (teacher, student[, weight]) edges such as [('b0', 'b1'), ('b1', 'b2', 0.5)]."""
 
     alpha: float = 1.0
     temperature: float = 1.0
     epsilon: float = 0.0
     bernoulli_p: Optional[float] = None
+    graph: object = "all_pairs"
 
 
 @gin.configurable("train")

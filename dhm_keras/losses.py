@@ -5,11 +5,13 @@ keyed by head name, ``b0`` the main branch) and returns per-example or scalar
 float32 tensors. The training step is the only place that combines these with a
 model, a strategy and an optimizer.
 
-The mimicking term (method.md):
+The mimicking term:
 
     M(h <- g) = T^2 * mean_batch KL(stopgrad(p_g^T) || p_h^T),   p^T = softmax(z / T)
 
-summed over all ordered pairs h != g of *active* heads and weighted by alpha.
+summed over the edges g -> h of the mimicking graph (`dhm_keras.mimicking_graph`;
+DHM: every ordered pair h != g) whose heads are *active*, each times its edge
+weight, and the sum weighted by alpha.
 It is computed in float32 log space (exact KL). ``epsilon > 0`` reproduces the
 reference implementation's smoothing p <- (p + eps) / (1 + C * eps).
 """
@@ -20,27 +22,15 @@ from typing import Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 
+from dhm_keras import heads as heads_lib
+from dhm_keras import mimicking_graph
+
 MODES = ("baseline", "dsl", "dhm")
 
 # `active` may name the heads taking part, or weight them (1.0 = in, 0.0 = out).
 # Weights let the Bernoulli mask live in a variable and change per epoch
 # without retracing the training function.
 Active = Optional[Union[Sequence[str], Mapping[str, Union[float, tf.Tensor]]]]
-
-
-def ordered_heads(logits: Mapping[str, tf.Tensor]) -> list[str]:
-    """Head names with the main branch first, then b1, b2, ... (numeric order)."""
-
-    def key(name: str):
-        digits = name.lstrip("b")
-        return (0, int(digits)) if digits.isdigit() else (1, name)
-
-    return sorted(logits, key=key)
-
-
-def pair_name(teacher: str, student: str) -> str:
-    """Name of the term in which ``student`` mimics ``teacher`` (teacher->student)."""
-    return f"{teacher}->{student}"
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
@@ -106,23 +96,21 @@ def pairwise_mimicking(
     temperature: float = 1.0,
     active: Active = None,
     epsilon: float = 0.0,
+    graph: mimicking_graph.GraphSpec = mimicking_graph.DEFAULT,
 ) -> dict[str, tf.Tensor]:
-    """Batch-mean mimicking term of every ordered pair, keyed ``teacher->student``.
+    """Batch-mean mimicking term of every edge of `graph`, keyed ``teacher->student``.
 
-    Inactive heads (weight 0) contribute exactly zero to every pair they are in.
-    The values are not multiplied by alpha.
+    Each term is multiplied by its edge weight; inactive heads (weight 0)
+    contribute exactly zero to every term they are in. The values are not
+    multiplied by alpha.
     """
-    heads = ordered_heads(logits)
-    weights = _head_weights(heads, active)
+    weights = _head_weights(heads_lib.ordered(logits), active)
     terms = {}
-    for student in heads:
-        for teacher in heads:
-            if teacher == student:
-                continue
-            kl = kl_per_example(logits[teacher], logits[student], temperature, epsilon)
-            terms[pair_name(teacher, student)] = (
-                weights[teacher] * weights[student] * tf.reduce_mean(kl)
-            )
+    for edge in mimicking_graph.resolve(graph, logits):
+        kl = kl_per_example(logits[edge.teacher], logits[edge.student], temperature, epsilon)
+        terms[edge.name] = (
+            edge.weight * weights[edge.teacher] * weights[edge.student] * tf.reduce_mean(kl)
+        )
     return terms
 
 
@@ -133,8 +121,9 @@ def mimicking_loss(
     active: Active = None,
     epsilon: float = 0.0,
     return_pairs: bool = False,
+    graph: mimicking_graph.GraphSpec = mimicking_graph.DEFAULT,
 ):
-    """alpha * sum over ordered pairs of active heads of M(student <- teacher).
+    """alpha * sum over the graph's edges between active heads of M(student <- teacher).
 
     Args:
       logits: dict head name -> [batch, classes] logits (any number of heads).
@@ -143,11 +132,13 @@ def mimicking_loss(
       active: heads taking part (names, or a name -> 0/1 weight mapping); None = all.
       epsilon: reference-style probability smoothing; 0 gives the exact KL.
       return_pairs: also return the per-pair dict (unweighted by alpha).
+      graph: which pairs mimic (a preset name or explicit edges, see
+        `dhm_keras.mimicking_graph`); default every ordered pair.
 
     Returns:
       The scalar float32 term, or ``(term, pairs)`` when ``return_pairs``.
     """
-    pairs = pairwise_mimicking(logits, temperature, active, epsilon)
+    pairs = pairwise_mimicking(logits, temperature, active, epsilon, graph)
     total = alpha * tf.add_n(list(pairs.values())) if pairs else tf.constant(0.0)
     return (total, pairs) if return_pairs else total
 
@@ -161,23 +152,25 @@ def dhm_loss(
     active: Active = None,
     epsilon: float = 0.0,
     label_smoothing: float = 0.0,
+    graph: mimicking_graph.GraphSpec = mimicking_graph.DEFAULT,
 ):
     """The training objective of one mode, as (total, per-head CE, per-pair mimic).
 
     baseline: CE of b0 only (other heads, if present, are ignored);
     dsl:      sum of every head's CE;
-    dhm:      dsl + alpha * mimicking term.
+    dhm:      dsl + alpha * mimicking term over the edges of `graph`.
     All values are batch means in float32, not scaled for distribution.
     """
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; expected one of {MODES}")
-    heads = ordered_heads(logits) if mode != "baseline" else ["b0"]
+    heads = heads_lib.ordered(logits) if mode != "baseline" else [heads_lib.MAIN]
     ce = {h: tf.reduce_mean(cross_entropy(labels, logits[h], label_smoothing)) for h in heads}
     total = tf.add_n(list(ce.values()))
     pairs = {}
     if mode == "dhm":
         mimic, pairs = mimicking_loss(
-            {h: logits[h] for h in heads}, temperature, alpha, active, epsilon, return_pairs=True
+            {h: logits[h] for h in heads}, temperature, alpha, active, epsilon,
+            return_pairs=True, graph=graph,
         )
         total = total + mimic
     return total, ce, pairs

@@ -3,7 +3,8 @@
 `DHMModel` wraps a functional Keras model whose outputs are a dict of logits
 keyed ``b0`` (main branch), ``b1``, ``b2``, ... and supplies the custom
 ``train_step``/``test_step`` that apply per-head cross-entropy plus the
-all-pairs mimicking KL (see `dhm_keras.losses`). It works under any
+mimicking KL over the edges of a mimicking graph (all ordered pairs for DHM;
+see `dhm_keras.losses` and `dhm_keras.mimicking_graph`). It works under any
 `tf.distribute` strategy: the loss is a per-replica batch mean divided by the
 number of replicas (what Keras 3's built-in losses do internally), so the
 summed gradients do not depend on the replica count.
@@ -31,7 +32,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dhm_keras import heads as heads_lib
 from dhm_keras import losses
+from dhm_keras import mimicking_graph
 from official.common import distribute
 
 
@@ -95,16 +98,6 @@ def sample_branch_mask(
     return {branch: float(d) for branch, d in zip(branches, draws)}
 
 
-def _output_dict(network: keras.Model) -> dict:
-    outputs = network.output
-    if not isinstance(outputs, dict) or "b0" not in outputs:
-        raise ValueError(
-            "DHMModel needs a functional model whose outputs are a dict of logits "
-            f"keyed 'b0', 'b1', ...; got outputs {type(outputs).__name__}"
-        )
-    return outputs
-
-
 def _reducible_logs(logs: dict) -> dict:
     """Scalar logs as shape [1] under multi-worker training, else unchanged.
 
@@ -134,6 +127,10 @@ class DHMModel(keras.Model):
       bernoulli_p: if set, auxiliary branches take part in mimicking with this
         probability per epoch (needs `BernoulliBranchSampler` in the callbacks).
       top_k: the k of the second accuracy metric (top-5 by default).
+      graph: who mimics whom in "dhm" mode: a preset of
+        `dhm_keras.mimicking_graph` or explicit (teacher, student[, weight])
+        edges. Resolved once here; the loss and the logged `mimic/...`
+        metrics use the same edges.
       cross_replica_finite_check: with a `LossScaleOptimizer` (mixed_float16)
         and several replicas, skip a step on every replica when ANY replica's
         gradients overflow (see module doc). Only a test turns it off.
@@ -150,6 +147,7 @@ class DHMModel(keras.Model):
         top_k: int = 5,
         cross_replica_finite_check: bool = True,
         label_smoothing: float = 0.0,
+        graph: mimicking_graph.GraphSpec = mimicking_graph.DEFAULT,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -167,11 +165,13 @@ class DHMModel(keras.Model):
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
         self.cross_replica_finite_check = bool(cross_replica_finite_check)
-        outputs = _output_dict(network)
-        self.heads = losses.ordered_heads(outputs)
-        self.trained_heads = ["b0"] if mode == "baseline" else self.heads
-        self.branches = [h for h in self.heads if h != "b0"]
-        num_classes = int(outputs["b0"].shape[-1])
+        outputs = heads_lib.check_outputs(network.output, "network DHMModel wraps")
+        self.heads = heads_lib.ordered(outputs)
+        self.trained_heads = [heads_lib.MAIN] if mode == "baseline" else self.heads
+        self.branches = heads_lib.branches(outputs)
+        # The mimicking terms this model trains and logs (none outside "dhm").
+        self.mimicking_edges = mimicking_graph.resolve(graph, self.heads) if mode == "dhm" else ()
+        num_classes = int(outputs[heads_lib.MAIN].shape[-1])
         # Per-head participation in mimicking (1 = in); b0 stays 1.
         self.head_weights = self.add_weight(
             shape=(len(self.heads),), initializer="ones", trainable=False, name="head_weights"
@@ -179,12 +179,9 @@ class DHMModel(keras.Model):
         self._trackers = {"loss": keras.metrics.Mean(name="loss")}
         for head in self.trained_heads:
             self._trackers[f"ce/{head}"] = keras.metrics.Mean(name=f"ce/{head}")
-        if mode == "dhm":
-            for student in self.heads:
-                for teacher in self.heads:
-                    if teacher != student:
-                        name = f"mimic/{losses.pair_name(teacher, student)}"
-                        self._trackers[name] = keras.metrics.Mean(name=name)
+        for edge in self.mimicking_edges:
+            name = f"mimic/{edge.name}"
+            self._trackers[name] = keras.metrics.Mean(name=name)
         self._accuracies = {}
         for head in self.heads:
             self._accuracies[f"top1/{head}"] = keras.metrics.SparseCategoricalAccuracy(
@@ -237,12 +234,12 @@ class DHMModel(keras.Model):
         if unknown:
             raise ValueError(f"Unknown branches {sorted(unknown)}; model has {self.branches}")
         self.head_weights.assign(
-            np.array([1.0 if h == "b0" else mask.get(h, 1.0) for h in self.heads], np.float32)
+            np.array([1.0 if h == heads_lib.MAIN else mask.get(h, 1.0) for h in self.heads], np.float32)
         )
 
     def branch_mask(self) -> dict[str, float]:
         values = keras.ops.convert_to_numpy(self.head_weights)
-        return {h: float(v) for h, v in zip(self.heads, values) if h != "b0"}
+        return {h: float(v) for h, v in zip(self.heads, values) if h != heads_lib.MAIN}
 
     # -- the objective ----------------------------------------------------------
     def _objective(self, labels, logits, use_mask: bool):
@@ -258,6 +255,7 @@ class DHMModel(keras.Model):
             active=active,
             epsilon=self.epsilon,
             label_smoothing=self.label_smoothing,
+            graph=self.mimicking_edges,
         )
 
     def _update_metrics(self, labels, logits, total, ce, pairs):
@@ -298,7 +296,7 @@ class DHMModel(keras.Model):
         logs = self._update_metrics(labels, logits, total, ce, pairs)
         if self.bernoulli_p is not None:  # this epoch's draw, for TensorBoard
             for i, head in enumerate(self.heads):
-                if head != "b0":
+                if head != heads_lib.MAIN:
                     logs[f"active/{head}"] = self.head_weights[i]
         return _reducible_logs(logs)
 
@@ -327,7 +325,9 @@ class DHMModel(keras.Model):
 
     def main_branch(self) -> keras.Model:
         """The deployable network: input -> b0 logits, sharing the trained layers."""
-        return keras.Model(self.network.inputs, self.network.output["b0"], name="b0")
+        return keras.Model(
+            self.network.inputs, self.network.output[heads_lib.MAIN], name=heads_lib.MAIN
+        )
 
 
 class BernoulliBranchSampler(keras.callbacks.Callback):

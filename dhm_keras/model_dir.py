@@ -136,13 +136,13 @@ def experiment_fields(config: dict, across_seeds: bool = False) -> Dict[str, obj
 def config_differences(previous: dict, current: dict) -> List[str]:
     """'field: old -> new' for every experiment field that differs.
 
-    A section that an older version did not record (optimizer, precision) is
-    not compared, so runs started before it was added can still resume.
+    A section or field that an older version did not record (the optimizer,
+    the precision policy, mimicking.graph) is not compared, so runs started
+    before it was added can still resume.
     """
     before = experiment_fields(previous)
-    recorded_sections = {section for section in previous}
     return [
-        f"{name}: {before.get(name)!r} -> {value!r}"
+        f"{name}: {before[name]!r} -> {value!r}"
         for name, value in experiment_fields(current).items()
-        if name.split(".", 1)[0] in recorded_sections and value != before.get(name)
+        if name in before and value != before[name]
     ]

@@ -258,6 +258,7 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
             epsilon=mimic.epsilon,
             bernoulli_p=mimic.bernoulli_p,
             label_smoothing=train.label_smoothing,
+            graph=mimic.graph,
         )
         steps_per_epoch = max(1, info.num_examples(dataset.train_split) // train.batch_size)
         model.compile(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dhm_keras import losses
+from dhm_keras import heads, losses
 
 
 def np_softmax(z):
@@ -72,7 +72,7 @@ def test_any_number_of_heads():
     logits = random_logits(4, heads=("b0", "b1", "b2", "b3"))
     _, pairs = losses.mimicking_loss({k: tf.constant(v) for k, v in logits.items()}, return_pairs=True)
     assert len(pairs) == 12
-    assert losses.ordered_heads({"b10": 0, "b2": 0, "b0": 0}) == ["b0", "b2", "b10"]
+    assert heads.ordered({"b10": 0, "b2": 0, "b0": 0}) == ["b0", "b2", "b10"]
 
 
 def test_teacher_role_receives_no_gradient():

@@ -48,3 +48,11 @@ def test_imports_no_tensorflow():
     code = "import sys, dhm_keras.model_dir, dhm_keras.report; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_field_an_older_version_did_not_record_is_not_compared():
+    older = {"mimicking": {"alpha": 1.0}}
+    assert model_dir.config_differences(older, {"mimicking": {"alpha": 1.0, "graph": "all_pairs"}}) == []
+    assert model_dir.config_differences(older, {"mimicking": {"alpha": 2.0, "graph": "all_pairs"}}) == [
+        "mimicking.alpha: 1.0 -> 2.0"
+    ]

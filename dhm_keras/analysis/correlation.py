@@ -57,6 +57,8 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from dhm_keras import heads as heads_lib
+
 DEFINITION = (
     "M = max over the kh x kw positions of each kernel W[:, :, i, o] -> [in, out]; "
     "Z = (M - mean(M)) / std(M) over all in*out entries (population std); "
@@ -134,19 +136,17 @@ def conv_pairs(network, branches: Optional[Iterable[str]] = None,
       (pairs, skipped): pairs as dicts {branch, branch_layer, main_layer}, in layer
       order; skipped as dicts {branch, branch_layer, main_layer, reason}.
     """
-    from dhm_keras.models import builder
-
     wanted = set(branches) if branches else None
     pattern = re.compile(layers) if layers else None
     by_name = {layer.name: layer for layer in network.layers}
     pairs, skipped = [], []
     for layer in network.layers:
-        head = builder.head_of_layer(layer.name)
-        if head == builder.MAIN_HEAD or (wanted is not None and head not in wanted):
+        head = heads_lib.head_of_layer(layer.name)
+        if head == heads_lib.MAIN or (wanted is not None and head not in wanted):
             continue
         if not _is_square_conv(layer, kernel_size):
             continue
-        main_name = layer.name[len(builder.branch_prefix(head)):]
+        main_name = layer.name[len(heads_lib.layer_prefix(head)):]
         if pattern is not None and not pattern.search(main_name):
             continue
         entry = {"branch": head, "branch_layer": layer.name, "main_layer": main_name}
@@ -164,7 +164,7 @@ def conv_pairs(network, branches: Optional[Iterable[str]] = None,
         else:
             pairs.append(entry)
     if wanted is not None:
-        present = {builder.head_of_layer(layer.name) for layer in network.layers}
+        present = {heads_lib.head_of_layer(layer.name) for layer in network.layers}
         missing = sorted(wanted - present)
         if missing:
             raise ValueError(f"network has no branch {missing}")

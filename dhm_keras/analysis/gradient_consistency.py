@@ -42,24 +42,19 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import keras
 import tensorflow as tf
 
-MAIN_HEAD = "b0"
+from dhm_keras import heads as heads_lib
+
+MAIN_HEAD = heads_lib.MAIN
 _FLOAT16_LOSS_SCALE = 2.0**10
 
 
 def _outputs(network) -> dict:
-    outputs = network.output
-    if not isinstance(outputs, dict) or MAIN_HEAD not in outputs:
-        raise ValueError(
-            "expected a functional model whose outputs are a dict of logits keyed "
-            f"'b0', 'b1', ...; got {type(outputs).__name__}"
-        )
-    return outputs
+    return heads_lib.check_outputs(network.output)
 
 
 def auxiliary_heads(network) -> List[str]:
     """Output keys other than b0, in numeric order (b1, b2, ...)."""
-    heads = [h for h in _outputs(network) if h != MAIN_HEAD]
-    return sorted(heads, key=lambda h: (0, int(h[1:])) if h[1:].isdigit() else (1, h))
+    return heads_lib.branches(_outputs(network))
 
 
 def _path_layers(network, head: str) -> list:

@@ -52,6 +52,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dhm_keras import heads as heads_lib
+
 JUNK_ID = -1
 DISTRACTOR_ID = 0
 METRICS = ("euclidean", "sqeuclidean", "cosine")
@@ -245,9 +247,7 @@ def pairwise_distances(query_features, gallery_features, metric: str = "euclidea
 def _b0_logits(network: keras.Model):
     outputs = network.output
     if isinstance(outputs, dict):
-        if "b0" not in outputs:
-            raise ValueError(f"{network.name}: dict outputs without 'b0': {sorted(outputs)}")
-        return outputs["b0"]
+        return heads_lib.check_outputs(outputs, network.name)[heads_lib.MAIN]
     if isinstance(outputs, (list, tuple)):
         raise ValueError(f"{network.name}: expected dict outputs or a single tensor")
     return outputs  # a single-output model such as DHMModel.main_branch()

@@ -12,30 +12,21 @@ walking the graph.
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 import sys
 
 import keras
 
+from dhm_keras import heads as heads_lib
 from dhm_keras.models import blocks
 from dhm_keras.models import layers as layers_lib
 from dhm_keras.models import specs as specs_lib
 
 MODES = ("baseline", "dsl", "dhm")
-MAIN_HEAD = "b0"
-_HEAD_PREFIX = re.compile(r"^(b[0-9]+)_")
-
-
-def branch_prefix(head: str) -> str:
-    """Name prefix of every layer owned by `head` beyond the fork ("b1" -> "b1_")."""
-    return f"{head}_"
-
-
-def head_of_layer(layer_name: str) -> str:
-    """The head a layer belongs to: "bK" for branch layers, "b0" for backbone and B0 head."""
-    match = _HEAD_PREFIX.match(layer_name)
-    return match.group(1) if match else MAIN_HEAD
+# The head conventions are `dhm_keras.heads`'; re-exported for `dhm_keras.models` users.
+MAIN_HEAD = heads_lib.MAIN
+branch_prefix = heads_lib.layer_prefix
+head_of_layer = heads_lib.head_of_layer
 
 
 def build_from_spec(
@@ -132,7 +123,7 @@ def build(
 
 def head_names(model: keras.Model) -> list[str]:
     """Output keys of a built model, B0 first, then b1, b2, ... in numeric order."""
-    return sorted(_output_struct(model), key=lambda h: int(h[1:]))
+    return heads_lib.ordered(heads_lib.check_outputs(model.output, model.name))
 
 
 def branch_layers(model: keras.Model, head: str) -> list[keras.layers.Layer]:
@@ -145,13 +136,6 @@ def _head(x, num_classes, head, spec):
     return blocks.classification_head(
         x, num_classes, name=head, preactivation=spec.head_preactivation
     )
-
-
-def _output_struct(model: keras.Model) -> dict:
-    outputs = model.output
-    if not isinstance(outputs, dict):
-        raise ValueError(f"{model.name} does not have dict outputs")
-    return outputs
 
 
 def _check_mode(mode: str) -> None:

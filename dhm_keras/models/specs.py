@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import re
 from typing import Any, Mapping, Sequence
 
-BRANCH_NAME = re.compile(r"^b[1-9][0-9]*$")
+from dhm_keras import heads as heads_lib
+
+
+def _is_branch(name: str) -> bool:
+    return heads_lib.is_head(name) and name != heads_lib.MAIN
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +100,12 @@ def _validate(spec: ArchSpec) -> None:
     for stage in spec.stages + tuple(
         s for b in spec.branches + spec.optional_branches for s in b.stages
     ):
-        if BRANCH_NAME.match(stage.name.split("_")[0]):
+        if _is_branch(stage.name.split("_")[0]):
             raise ValueError(f"{spec.name}: stage name {stage.name!r} looks like a branch")
         if stage.blocks < 1 or stage.filters < 1 or stage.stride < 1:
             raise ValueError(f"{spec.name}: invalid stage {stage}")
     for branch in spec.branches + spec.optional_branches:
-        if not BRANCH_NAME.match(branch.name):
+        if not _is_branch(branch.name):
             raise ValueError(f"{spec.name}: branch name {branch.name!r} is not 'b<K>', K>=1")
         if branch.name in seen:
             raise ValueError(f"{spec.name}: duplicate branch {branch.name!r}")
@@ -113,6 +117,16 @@ def _validate(spec: ArchSpec) -> None:
             )
         if not branch.stages:
             raise ValueError(f"{spec.name}: branch {branch.name} has no stages")
+    # Head numbering encodes fork depth (dhm_keras.heads): a higher-numbered
+    # branch never forks deeper than a lower-numbered one.
+    depth = {name: i for i, name in enumerate(["stem", *stage_names])}
+    numbered = sorted(spec.branches + spec.optional_branches, key=lambda b: heads_lib.index(b.name))
+    for upper, lower in zip(numbered, numbered[1:]):
+        if depth[lower.fork] > depth[upper.fork]:
+            raise ValueError(
+                f"{spec.name}: branch {lower.name} forks at {lower.fork}, deeper than "
+                f"{upper.name} at {upper.fork}; number branches from the deepest fork up"
+            )
 
 
 # ----------------------------------------------------------------------------- families
