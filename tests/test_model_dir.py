@@ -32,7 +32,7 @@ def test_sections_an_older_run_did_not_record_are_not_compared():
 
 
 def test_report_groups_by_the_same_rule():
-    from dhm_keras import report
+    from dhm_keras.analysis import report
 
     assert report.IGNORED_FIELDS == model_dir.EXECUTION_FIELDS | model_dir.SEED_FIELDS
 
@@ -45,7 +45,7 @@ def test_atomic_json_round_trip_and_no_leftover(tmp_path):
 
 
 def test_imports_no_tensorflow():
-    code = "import sys, dhm_keras.model_dir, dhm_keras.report; print('tensorflow' in sys.modules)"
+    code = "import sys, dhm_keras.model_dir, dhm_keras.analysis.report; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -16,4 +16,4 @@ for mode in baseline dsl dhm; do
 done
 "$PY" -m dhm_keras.analysis.curves --output="$OUT/curves.png" \
   --run="baseline=$OUT/baseline" --run="DSL=$OUT/dsl" --run="DHM=$OUT/dhm"
-"$PY" -m dhm_keras.report --output="$OUT/report.md" "$OUT/baseline" "$OUT/dsl" "$OUT/dhm"
+"$PY" -m dhm_keras.analysis.report --output="$OUT/report.md" "$OUT/baseline" "$OUT/dsl" "$OUT/dhm"

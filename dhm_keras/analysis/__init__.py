@@ -7,7 +7,7 @@
 * `gradient_consistency`: cosine similarity between the gradients of each auxiliary
   head's loss and the main head's loss on the shared backbone (Appendix C), as a
   Keras callback.
-* `dhm_keras.report` (one level up) tabulates results.json files over seeds.
+* `report` tabulates results.json files over seeds.
 
 Submodules are imported on demand: `gradient_consistency` is light (TensorFlow and
 Keras only) and may be used by the training loop, while the others pull in matplotlib.

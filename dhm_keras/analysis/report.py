@@ -1,6 +1,6 @@
 """Markdown table of B0 errors over seeds, next to the paper's numbers.
 
-    python -m dhm_keras.report MODEL_DIR [MODEL_DIR ...] [--output=report.md]
+    python -m dhm_keras.analysis.report MODEL_DIR [MODEL_DIR ...] [--output=report.md]
 
 Each MODEL_DIR is a run directory holding ``results.json`` (written by
 `dhm_keras.callbacks.ResultsWriter`), or a ``results.json`` file, or a directory
@@ -358,7 +358,7 @@ def markdown_report(runs: Sequence[Run], head: str = "b0") -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dhm_keras.report",
+        prog="python -m dhm_keras.analysis.report",
         description="Markdown table of B0 top-1/top-5 error over seeds, with the paper's numbers.",
     )
     parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",

@@ -56,7 +56,7 @@ def runs(tmp_path):
 
 
 def test_mean_std_hand_values():
-    from dhm_keras.report import error_percent, mean_std
+    from dhm_keras.analysis.report import error_percent, mean_std
 
     assert mean_std([30.0, 28.0, 26.0]) == (pytest.approx(28.0), pytest.approx(2.0))
     assert mean_std([10.0, 9.0, 5.0]) == (pytest.approx(8.0), pytest.approx(math.sqrt(7.0)))
@@ -67,7 +67,7 @@ def test_mean_std_hand_values():
 
 
 def test_grouping_and_statistics(runs):
-    from dhm_keras.report import discover, group_runs, group_statistics, load_run
+    from dhm_keras.analysis.report import discover, group_runs, group_statistics, load_run
 
     loaded = [load_run(p) for p in discover([str(runs / "grid"), str(runs / "base_s0")])]
     assert len(loaded) == 5
@@ -83,7 +83,7 @@ def test_grouping_and_statistics(runs):
 
 
 def test_references_from_method_md():
-    from dhm_keras.report import find_reference
+    from dhm_keras.analysis.report import find_reference
 
     ref = find_reference(config(seed=4))
     assert ref.top1 == (pytest.approx(25.472), 0.433) and ref.source == "App. E"
@@ -99,7 +99,7 @@ def test_references_from_method_md():
 
 
 def test_markdown_table(runs, tmp_path, capsys):
-    from dhm_keras import report
+    from dhm_keras.analysis import report
 
     output = tmp_path / "report.md"
     assert report.main([str(runs / "grid"), str(runs / "base_s0"), str(runs / "grid" / "dhm_s0"),
@@ -122,7 +122,7 @@ def test_markdown_table(runs, tmp_path, capsys):
 
 
 def test_missing_results(tmp_path, capsys):
-    from dhm_keras import report
+    from dhm_keras.analysis import report
 
     assert report.main([str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
