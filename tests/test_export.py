@@ -362,3 +362,39 @@ def test_one_server_process_survives_every_bad_request_then_answers_correctly(ex
     for signature, logits in report["logits"].items():  # PNG is lossless: same pixels, same logits
         np.testing.assert_allclose(np.array(logits), exported["expected"], atol=1e-5, err_msg=signature)
 
+
+def test_a_staging_folder_of_a_dead_export_is_removed_by_the_next_one(tmp_path, caplog):
+    """A kill during export leaves `.staging-<pid>-...`; the next export on this
+    host removes the folders of processes that are gone and keeps those of live
+    ones (an export running now) and of other hosts (which it cannot check)."""
+    base = tmp_path / "export"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # reaped by run(): no process has this pid now
+    stale = base / f".staging-{dead_pid}-0badf00d"
+    live = base / f".staging-{os.getpid()}-0000beef"
+    elsewhere = base / f".staging-{dead_pid}-1234abcd-some-other-host"
+    for folder in (stale, live, elsewhere):
+        (folder / "variables").mkdir(parents=True)
+        (folder / "saved_model.pb").write_bytes(b"half written")
+    with caplog.at_level("INFO", logger="absl"):
+        path = export_lib.export_image_classifier(tiny_classifier(), str(base), SHAPE, preprocess=lambda x: x / 255.0)
+    assert path == str(base / "1")
+    assert sorted(os.listdir(base)) == sorted(["1", live.name, elsewhere.name])
+    assert any(stale.name in r.getMessage() and str(dead_pid) in r.getMessage() for r in caplog.records)
+
+
+def test_an_export_that_fails_while_writing_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """An error (or Ctrl-C) during the write removes the staging folder at once;
+    only a kill leaves one for the next export to remove."""
+    import keras
+
+    def write_half(self, path, **kwargs):
+        os.makedirs(os.path.join(path, "variables"))
+        raise OSError(28, "No space left on device")
+
+    # keras.export.ExportArchive() builds the backend's subclass: patch that.
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", write_half)
+    base = tmp_path / "export"
+    with pytest.raises(OSError, match="No space"):
+        export_lib.export_image_classifier(tiny_classifier(), str(base), SHAPE, preprocess=lambda x: x / 255.0)
+    assert os.listdir(base) == []

@@ -53,16 +53,23 @@ whose CHECK aborts the whole process (SIGABRT), and a 64x64, a rank-5 or a
   decoder's InvalidArgumentError ("Unknown image file format. One of JPEG,
   ..., PNG, ... required."); the caller's `decode` output is checked against
   H x W x 3 at run time, not assumed.
+
+A process killed while writing leaves its staging folder
+(``.staging-<pid>-<random>-<host>``); the next export on the same host removes
+those whose process is gone (see `remove_stale_staging`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import uuid
 from typing import Callable, Optional, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 
 SIGNATURES = {
@@ -79,6 +86,54 @@ def next_version(export_dir: str) -> int:
     names = [n.rstrip("/") for n in tf.io.gfile.listdir(export_dir)]
     versions = [int(n) for n in names if n.isdigit()]
     return max(versions, default=0) + 1
+
+
+def _host() -> str:
+    """This host's name as it appears in staging folder names."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+# `.staging-<pid>-<8 hex>` (before hosts were recorded) or `...-<host>`.
+_STAGING = re.compile(r"\.staging-(\d+)-[0-9a-f]{8}(?:-(.+))?")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a process on this host; True when it cannot tell."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # e.g. another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(export_dir: str) -> list:
+    """Removes staging folders left by exports that were killed; returns their paths.
+
+    A folder is stale when it names this host (or no host: older exports) and
+    its process is gone. Folders of live processes are exports in progress
+    and stay, as do other hosts' (their processes cannot be checked from here).
+    A recycled pid keeps a stale folder until that process ends too: harmless.
+    """
+    removed = []
+    if not tf.io.gfile.isdir(export_dir):
+        return removed
+    for name in tf.io.gfile.listdir(export_dir):
+        match = _STAGING.fullmatch(name.rstrip("/"))
+        if not match or (match[2] is not None and match[2] != _host()):
+            continue
+        pid = int(match[1])
+        if _process_alive(pid):
+            continue
+        path = os.path.join(export_dir, name.rstrip("/"))
+        logging.info("export: removing %s, left by process %d, which is gone (killed during an export?)", path, pid)
+        try:
+            tf.io.gfile.rmtree(path)
+            removed.append(path)
+        except (tf.errors.OpError, OSError) as error:  # not worth failing this export over
+            logging.warning("export: could not remove %s: %s", path, error)
+    return removed
 
 
 def _shape_text(tensor: tf.Tensor) -> tf.Tensor:
@@ -213,8 +268,14 @@ def export_image_classifier(
         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
     )
     tf.io.gfile.makedirs(export_dir)
-    staging = os.path.join(export_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    archive.write_out(staging, verbose=False)
+    remove_stale_staging(export_dir)
+    staging = os.path.join(export_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}")
+    try:
+        archive.write_out(staging, verbose=False)
+    except BaseException:  # an error or Ctrl-C while writing; only a kill leaves it
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
+        raise
     for _ in range(100):  # another export may claim the same number meanwhile
         candidate = version or next_version(export_dir)
         path = os.path.join(export_dir, str(candidate))
