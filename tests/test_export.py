@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_report_script
 from dhm_keras import data as data_lib
 from dhm_keras import models
 from dhm_keras.model import DHMModel
@@ -257,3 +257,144 @@ def test_scoring_an_export_applies_eval_resize(tmp_path, monkeypatch):
     assert [(r["image_size"], r["eval_resize"]) for r in requests] == [(hw, 28)]
     assert metrics["examples"] == 64
     assert metrics["top1/b0"] == pytest.approx(top1, abs=1 / 64 + 1e-9)  # one near-tie may flip
+
+
+# Every bad request the serving process may receive, as (name, signature,
+# input key, Python expression for the value, words its error must contain).
+# The expressions run in the child process below, where `np`, `tf`, `good`
+# (6 valid uint8 images) and `png` (their PNG bytes) are defined.
+IMAGES_SHAPE = "of shape [N, 32, 32, 3]"
+BAD_REQUESTS = [
+    ("rank 3 (one image, no batch)", "serving_default", "images", "good[0]", [IMAGES_SHAPE, "uint8", "[32,32,3]"]),
+    ("rank 3 float", "serving_float", "images", "good[0].astype(np.float32)", [IMAGES_SHAPE, "float32"]),
+    ("rank 5, a batch of batches", "serving_default", "images", "good[None]", [IMAGES_SHAPE, "[1,6,32,32,3]"]),
+    ("rank 5, trailing axis", "serving_default", "images", "good[..., None]", [IMAGES_SHAPE, "[6,32,32,3,1]"]),
+    ("rank 0", "serving_default", "images", "np.uint8(7)", [IMAGES_SHAPE, "[]"]),
+    ("wrong height", "serving_default", "images", "np.zeros((2, 64, 32, 3), np.uint8)", [IMAGES_SHAPE, "[2,64,32,3]"]),
+    ("wrong width", "serving_float", "images", "np.zeros((2, 32, 31, 3), np.float32)", [IMAGES_SHAPE, "[2,32,31,3]"]),
+    ("1 channel", "serving_default", "images", "good[..., :1]", [IMAGES_SHAPE, "[6,32,32,1]"]),
+    ("4 channels", "serving_default", "images", "np.concatenate([good, good[..., :1]], -1)", [IMAGES_SHAPE, "[6,32,32,4]"]),
+    ("empty images, wrong size", "serving_default", "images", "np.zeros((0, 16, 16, 3), np.uint8)", [IMAGES_SHAPE, "[0,16,16,3]"]),
+    # A loaded signature refuses another dtype before its graph runs; TF's own
+    # message names the dtype it expected.
+    ("float32 to the uint8 signature", "serving_default", "images", "good.astype(np.float32)", ["uint8"]),
+    ("int32 to the uint8 signature", "serving_default", "images", "good.astype(np.int32)", ["uint8"]),
+    ("uint8 to the float signature", "serving_float", "images", "good", ["float"]),
+    ("one NaN pixel", "serving_float", "images", "with_value(np.nan)", [IMAGES_SHAPE, "NaN"]),
+    ("one inf pixel", "serving_float", "images", "with_value(np.inf)", [IMAGES_SHAPE, "NaN or inf"]),
+    ("one -inf pixel", "serving_float", "images", "with_value(-np.inf)", [IMAGES_SHAPE, "NaN or inf"]),
+    ("a value above 255", "serving_float", "images", "with_value(300.0)", [IMAGES_SHAPE, "0..255", "300"]),
+    ("normalised pixels (negative)", "serving_float", "images", "((good - 127.5) / 64.0).astype(np.float32)", [IMAGES_SHAPE, "0..255"]),
+    ("garbage bytes", "serving_bytes", "image_bytes", "np.array([b'not an image'])", ["JPEG", "PNG"]),
+    ("an empty string", "serving_bytes", "image_bytes", "np.array([b''])", ["empty"]),
+    ("garbage after a good PNG", "serving_bytes", "image_bytes", "np.array([png[0], b'GIF89a garbage'])", []),
+    ("a truncated PNG", "serving_bytes", "image_bytes", "np.array([png[0][:60]])", []),
+    ("bytes of rank 0", "serving_bytes", "image_bytes", "np.array(png[0])", ["of shape [N]", "[]"]),
+    ("bytes of rank 2", "serving_bytes", "image_bytes", "png[:2].reshape(1, 2)", ["of shape [N]", "[1,2]"]),
+    ("pixels to the bytes signature", "serving_bytes", "image_bytes", "good", ["string"]),
+]
+
+
+def test_one_server_process_survives_every_bad_request_then_answers_correctly(exported, tmp_path):
+    """The serving test drives every bad request through one loaded export in
+    one process and then checks a good request's answer.
+
+    A bad request must come back as an InvalidArgumentError that says what was
+    expected (today a rank-3 batch aborts the process in oneDNN, and others
+    are answered with garbage); an empty batch gets empty outputs. The child
+    process reports each answer as it goes, so a crash shows which request
+    killed it, and a crash fails this test instead of pytest.
+    """
+    np.save(tmp_path / "good.npy", exported["images"])
+    cases = [(name, signature, key, value) for name, signature, key, value, _ in BAD_REQUESTS]
+    script = textwrap.dedent(f"""
+        import json
+        import official  # oneDNN on, as in training and serving
+        import numpy as np, tensorflow as tf
+        good = np.load({str(tmp_path / 'good.npy')!r})
+        png = np.array([tf.io.encode_png(im).numpy() for im in good], dtype=object)
+
+        def with_value(value):
+            images = good.astype(np.float32)
+            images[3, 5, 7, 1] = value
+            return images
+
+        signatures = tf.saved_model.load({exported['path']!r}).signatures
+        answers = {{}}
+        for name, signature, key, value in {cases!r}:
+            print("request:", name, flush=True)
+            try:
+                out = signatures[signature](**{{key: tf.constant(eval(value))}})
+                answers[name] = {{"answered": {{k: list(v.shape) for k, v in out.items()}}}}
+            except Exception as e:
+                answers[name] = {{"error": type(e).__name__, "message": str(e)}}
+        empty = {{}}
+        for signature, value in [("serving_default", np.zeros((0, 32, 32, 3), np.uint8)),
+                                 ("serving_float", np.zeros((0, 32, 32, 3), np.float32)),
+                                 ("serving_bytes", np.zeros((0,), object))]:
+            print("request: empty batch to", signature, flush=True)
+            key = "image_bytes" if signature == "serving_bytes" else "images"
+            out = signatures[signature](**{{key: tf.constant(value, tf.string if value.dtype == object else None)}})
+            empty[signature] = {{k: [list(v.shape), v.dtype.name] for k, v in out.items()}}
+        print("request: good ones", flush=True)
+        logits = {{
+            "serving_default": signatures["serving_default"](images=tf.constant(good))["logits"].numpy(),
+            "serving_float": signatures["serving_float"](images=tf.constant(good, tf.float32))["logits"].numpy(),
+            "serving_bytes": signatures["serving_bytes"](image_bytes=tf.constant(list(png)))["logits"].numpy(),
+        }}
+        print("REPORT " + json.dumps({{"answers": answers, "empty": empty,
+                                       "logits": {{k: v.tolist() for k, v in logits.items()}}}}))
+    """)
+    report = run_report_script(script)
+    wrong = []
+    for name, signature, _, _, words in BAD_REQUESTS:
+        answer = report["answers"][name]
+        if answer.get("error") != "InvalidArgumentError":
+            wrong.append(f"{name} -> {signature}: {answer}")
+        else:
+            missing = [w for w in words if w not in answer["message"]]
+            if missing:
+                wrong.append(f"{name} -> {signature}: message lacks {missing}: {answer['message'][:600]}")
+    assert not wrong, "\n".join(wrong)
+    expected_empty = {"logits": [[0, 10], "float32"], "probabilities": [[0, 10], "float32"],
+                      "classes": [[0, 5], "int32"], "scores": [[0, 5], "float32"]}
+    assert report["empty"] == {name: expected_empty for name in export_lib.SIGNATURES}
+    for signature, logits in report["logits"].items():  # PNG is lossless: same pixels, same logits
+        np.testing.assert_allclose(np.array(logits), exported["expected"], atol=1e-5, err_msg=signature)
+
+
+def test_a_staging_folder_of_a_dead_export_is_removed_by_the_next_one(tmp_path, caplog):
+    """A kill during export leaves `.staging-<pid>-...`; the next export on this
+    host removes the folders of processes that are gone and keeps those of live
+    ones (an export running now) and of other hosts (which it cannot check)."""
+    base = tmp_path / "export"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # reaped by run(): no process has this pid now
+    stale = base / f".staging-{dead_pid}-0badf00d"
+    live = base / f".staging-{os.getpid()}-0000beef"
+    elsewhere = base / f".staging-{dead_pid}-1234abcd-some-other-host"
+    for folder in (stale, live, elsewhere):
+        (folder / "variables").mkdir(parents=True)
+        (folder / "saved_model.pb").write_bytes(b"half written")
+    with caplog.at_level("INFO", logger="absl"):
+        path = export_lib.export_image_classifier(tiny_classifier(), str(base), SHAPE, preprocess=lambda x: x / 255.0)
+    assert path == str(base / "1")
+    assert sorted(os.listdir(base)) == sorted(["1", live.name, elsewhere.name])
+    assert any(stale.name in r.getMessage() and str(dead_pid) in r.getMessage() for r in caplog.records)
+
+
+def test_an_export_that_fails_while_writing_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """An error (or Ctrl-C) during the write removes the staging folder at once;
+    only a kill leaves one for the next export to remove."""
+    import keras
+
+    def write_half(self, path, **kwargs):
+        os.makedirs(os.path.join(path, "variables"))
+        raise OSError(28, "No space left on device")
+
+    # keras.export.ExportArchive() builds the backend's subclass: patch that.
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", write_half)
+    base = tmp_path / "export"
+    with pytest.raises(OSError, match="No space"):
+        export_lib.export_image_classifier(tiny_classifier(), str(base), SHAPE, preprocess=lambda x: x / 255.0)
+    assert os.listdir(base) == []
