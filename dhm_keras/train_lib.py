@@ -13,6 +13,7 @@ Model-directory layout:
   config.json                        the configuration this directory belongs to
   operative_config.gin               every Gin binding the run used
   export/<version>/                  SavedModel of the main branch b0
+  run.lock                           held while a run trains or exports (model_dir.locked)
 """
 
 from __future__ import annotations
@@ -110,6 +111,14 @@ def check_model_dir(model_dir: str, config: dict) -> None:
             f"model_dir {model_dir} holds a run with a different configuration "
             f"({'; '.join(differences)}); use a new --model_dir"
         )
+
+
+def locked_if_chief(model_dir: str, strategy: tf.distribute.Strategy):
+    """The model directory's lock (`model_dir.locked`) for the chief; nothing for
+    the other workers of a multi-worker run, which write nothing there."""
+    if distribute.is_chief(strategy):
+        return model_dir_lib.locked(model_dir)
+    return contextlib.nullcontext()
 
 
 def check_class_count(expected: Optional[int], info: data_lib.DatasetInfo) -> None:
@@ -276,10 +285,19 @@ def evaluation_epochs(epochs: int, every: int) -> list:
 
 
 def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True) -> dict:
-    """Trains (resuming if a backup exists), writes results.json, exports b0."""
+    """Trains (resuming if a backup exists), writes results.json, exports b0.
+
+    The chief holds the model directory's lock from before its first write
+    until it returns, so a second run into the same directory stops at once.
+    """
     exp = build_experiment(data_dir, training=True)
     check_model_dir(model_dir, exp.config)
     chief = distribute.is_chief(exp.strategy)
+    with locked_if_chief(model_dir, exp.strategy):
+        return _train(exp, model_dir, data_dir, evaluate, chief)
+
+
+def _train(exp: Experiment, model_dir: str, data_dir: Optional[str], evaluate: bool, chief: bool) -> dict:
     train_cfg = cfg.TrainConfig()
     os.makedirs(model_dir, exist_ok=True)
     results_path = os.path.join(model_dir, model_dir_lib.RESULTS_FILE)
@@ -445,6 +463,9 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
     export directory `<model_dir>/export/<version>` (the served B0 is
     scored through its `serving_float` signature, i.e. with the
     preprocessing inside the SavedModel). Default: the latest checkpoint.
+
+    It takes no lock: evaluating a run while it trains is normal, and
+    eval.json is replaced atomically.
     """
     if is_saved_model(checkpoint):
         if reid_data.is_reid_dataset(cfg.DatasetConfig().name):
@@ -549,7 +570,12 @@ def export(
     checkpoint: Optional[str] = None,
     experiment: Optional[Experiment] = None,
 ) -> dict:
-    """Exports b0 from a checkpoint (default: the latest in model_dir)."""
+    """Exports b0 from a checkpoint (default: the latest in model_dir).
+
+    The chief holds the model directory's lock while it writes (re-entrant:
+    training calls this with the lock held).
+    """
     exp = experiment or build_experiment(data_dir, training=False)
-    checkpoint = _restore(exp, model_dir, checkpoint)
-    return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir)}
+    with locked_if_chief(model_dir, exp.strategy):
+        checkpoint = _restore(exp, model_dir, checkpoint)
+        return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir)}

@@ -206,3 +206,23 @@ def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
     assert code == 2
     assert_one_line_error(stderr, last, "CheckpointError")
     assert str(checkpoint) in last and "earlier" in last
+
+
+def test_second_run_into_a_model_dir_in_use_stops_at_once(tmp_path):
+    """Issue #18 item 3: another live run holds the lock; nothing is written."""
+    import socket
+    import subprocess
+    import time
+
+    holder = subprocess.Popen(["sleep", "600"])  # stands in for the first run
+    lock = tmp_path / "run.lock"
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": time.time()}))
+        code, last, stderr = run_main(*TINY, f"--model_dir={tmp_path}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "ModelDirLockedError")
+    assert f"pid {holder.pid} on host {socket.gethostname()}" in last and str(lock) in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # not even config.json
