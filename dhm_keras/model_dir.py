@@ -57,6 +57,11 @@ EXECUTION_FIELDS = frozenset({
     "train.keep_checkpoints",
 })
 
+# Fields an export or an evaluation may set differently from the run it reads:
+# which split it scores and in what batches. Neither changes the trained
+# weights, nor what the export computes.
+EVALUATION_FIELDS = frozenset({"dataset.eval_split", "train.batch_size"})
+
 # Fields that draw one sample of an experiment: runs differing only in these
 # (and in execution fields) are repeats of one experiment over seeds.
 SEED_FIELDS = frozenset({"train.seed", "dataset.label_noise_seed"})
@@ -120,6 +125,16 @@ def epoch_checkpoints(checkpoint_dir: str) -> Dict[int, str]:
     return found
 
 
+def run_dir_of(file_or_export: str) -> Optional[str]:
+    """The model directory that `file_or_export` lies in, if it is one of its
+    checkpoints (`<dir>/checkpoints/<file>`) or exports (`<dir>/export/<version>`);
+    else None."""
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(file_or_export)))
+    if name and os.path.basename(parent) in (CHECKPOINT_DIR, EXPORT_DIR):
+        return os.path.dirname(parent)
+    return None
+
+
 def latest_checkpoint(model_dir: str) -> Optional[str]:
     """The newest epoch checkpoint of the run in `model_dir`, or None."""
     saved = epoch_checkpoints(path(model_dir, CHECKPOINT_DIR))
@@ -143,8 +158,8 @@ def experiment_fields(config: dict, across_seeds: bool = False) -> Dict[str, obj
     return {k: v for k, v in flatten(config).items() if k not in ignored}
 
 
-def config_differences(previous: dict, current: dict) -> List[str]:
-    """'field: old -> new' for every experiment field that differs.
+def config_differences(previous: dict, current: dict, may_differ=frozenset()) -> List[str]:
+    """'field: old -> new' for every experiment field that differs (but those in `may_differ`).
 
     A section or field that an older version did not record (the optimizer,
     the precision policy, mimicking.graph) is not compared, so runs started
@@ -154,7 +169,7 @@ def config_differences(previous: dict, current: dict) -> List[str]:
     return [
         f"{name}: {before[name]!r} -> {value!r}"
         for name, value in experiment_fields(current).items()
-        if name in before and value != before[name]
+        if name in before and name not in may_differ and value != before[name]
     ]
 
 

@@ -97,7 +97,13 @@ def current_config(data_dir: Optional[str] = None) -> dict:
     }))
 
 
-def check_model_dir(model_dir: str, config: dict) -> None:
+def check_model_dir(
+    model_dir: str,
+    config: dict,
+    may_differ=frozenset(),
+    remedy: str = "use a new --model_dir",
+    what: str = "model_dir",
+) -> None:
     """Refuses to mix two configurations in one model directory.
 
     `config` is `current_config()`'s, already in the JSON form config.json reads back.
@@ -105,11 +111,39 @@ def check_model_dir(model_dir: str, config: dict) -> None:
     config_path = model_dir_lib.path(model_dir, model_dir_lib.CONFIG_FILE)
     if not os.path.exists(config_path):
         return
-    differences = model_dir_lib.config_differences(model_dir_lib.read_json(config_path), config)
+    differences = model_dir_lib.config_differences(
+        model_dir_lib.read_json(config_path), config, may_differ
+    )
     if differences:
         raise ConfigMismatchError(
-            f"model_dir {model_dir} holds a run with a different configuration "
-            f"({'; '.join(differences)}); use a new --model_dir"
+            f"{what} {model_dir} holds a run with a different configuration "
+            f"({'; '.join(differences)}); {remedy}"
+        )
+
+
+def check_run_config(model_dir: str, config: dict, checkpoint: Optional[str], verb: str) -> None:
+    """Refuses to export or evaluate a run under a configuration it was not trained with.
+
+    Another normalisation, image size or model would export or score a network
+    that was never trained that way, and label the result as this run's. The
+    configuration is compared with the config.json of `model_dir` (where the
+    export or eval.json is written) and of the run that `checkpoint` lies in,
+    where those exist; a bare weights file or export elsewhere has nothing to
+    be compared with. Execution fields and what an evaluation scores
+    (`model_dir.EVALUATION_FIELDS`) may differ.
+    """
+    runs = {os.path.realpath(model_dir): (model_dir, "model_dir")}
+    owner = model_dir_lib.run_dir_of(checkpoint) if checkpoint else None
+    if owner:
+        runs.setdefault(os.path.realpath(owner), (owner, "--checkpoint's model_dir"))
+    for run, what in runs.values():
+        gin_file = model_dir_lib.path(run, model_dir_lib.OPERATIVE_GIN_FILE)
+        check_model_dir(
+            run,
+            config,
+            may_differ=model_dir_lib.EVALUATION_FIELDS,
+            remedy=f"{verb} with the configuration it was trained with (--gin_file={gin_file})",
+            what=what,
         )
 
 
@@ -467,6 +501,7 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
     It takes no lock: evaluating a run while it trains is normal, and
     eval.json is replaced atomically.
     """
+    check_run_config(model_dir, current_config(data_dir), checkpoint, "evaluate")
     if is_saved_model(checkpoint):
         if reid_data.is_reid_dataset(cfg.DatasetConfig().name):
             raise errors.CheckpointError(
@@ -572,9 +607,13 @@ def export(
 ) -> dict:
     """Exports b0 from a checkpoint (default: the latest in model_dir).
 
-    The chief holds the model directory's lock while it writes (re-entrant:
-    training calls this with the lock held).
+    The configuration must be the run's (`check_run_config`): another one
+    would serve the weights with, say, another normalisation as this run's
+    newest version. The chief holds the model directory's lock while it
+    writes (re-entrant: training calls this with the lock held).
     """
+    config = experiment.config if experiment else current_config(data_dir)
+    check_run_config(model_dir, config, checkpoint, "export")
     exp = experiment or build_experiment(data_dir, training=False)
     with locked_if_chief(model_dir, exp.strategy):
         checkpoint = _restore(exp, model_dir, checkpoint)

@@ -1,0 +1,73 @@
+"""What later commands do with a finished run (issue #18 item 2).
+
+One tiny run (128 CIFAR-10 sample images, 2 epochs, a one-block-per-stage
+ResNet) is trained once for the module; each test works on its own copy.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+TINY = [
+    "--gin_file=gin/quickstart.gin",
+    "--gin_param=dataset.train_split = 'train[:128]'",
+    "--gin_param=dataset.eval_split = 'test[:64]'",
+    "--gin_param=train.batch_size = 64",
+    "--gin_param=train.epochs = 2",
+    "--gin_param=train.verbose = 0",
+    "--gin_param=model.overrides = {'blocks_per_stage': 1}",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cli(*TINY, f"--model_dir={model_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def last_line(result):
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_one_line_error(result, error_class):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert last_line(result).startswith(f"error: {error_class}:"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_export_and_eval_refuse_a_configuration_the_run_was_not_trained_with(run, tmp_path):
+    """Item 2: another normalisation would be served as the run's newest version."""
+    stats = ["--gin_param=dataset.mean = (0.5, 0.5, 0.5)", "--gin_param=dataset.std = (1.0, 1.0, 1.0)"]
+    result = run_cli(*TINY, *stats, "--mode=export", f"--model_dir={run}", timeout=600)
+    assert_one_line_error(result, "ConfigMismatchError")
+    assert "dataset.std: None -> [1.0, 1.0, 1.0]" in last_line(result)
+    assert f"--gin_file={run / 'operative_config.gin'}" in last_line(result)
+    assert sorted(os.listdir(run / "export")) == ["1"]
+    # Scoring the run's checkpoint into another directory compares with the run it came from.
+    elsewhere = tmp_path / "scores"
+    checkpoint = run / "checkpoints" / "epoch_002.weights.h5"
+    result = run_cli(*TINY, *stats, "--mode=eval", f"--checkpoint={checkpoint}", f"--model_dir={elsewhere}", timeout=600)
+    assert_one_line_error(result, "ConfigMismatchError")
+    assert "dataset.std" in last_line(result) and str(run) in last_line(result)
+    assert not (elsewhere / "eval.json").exists()
+    # The advised configuration is accepted, and what an evaluation scores may change.
+    result = run_cli(
+        f"--gin_file={run / 'operative_config.gin'}", "--gin_param=dataset.eval_split = 'test[:32]'",
+        "--mode=eval", f"--model_dir={run}", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "eval.json").read_text())["checkpoint"] == str(checkpoint)
