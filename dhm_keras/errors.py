@@ -42,6 +42,11 @@ class ModelDirWriteError(UserError, OSError):
     full file system), e.g. a finished run re-run by another user."""
 
 
+class TrainSplitTooSmallError(UserError, ValueError):
+    """The training split holds fewer examples than one global batch, so an
+    epoch would take no step (training batches drop the remainder)."""
+
+
 class GinSyntaxError(UserError, ValueError):
     """A Gin file or `--gin_param` binding that does not parse."""
 

@@ -155,6 +155,20 @@ def locked_if_chief(model_dir: str, strategy: tf.distribute.Strategy):
     return contextlib.nullcontext()
 
 
+def check_train_split(info: data_lib.DatasetInfo, dataset: cfg.DatasetConfig, batch_size: int) -> None:
+    """A training split needs one full global batch: training batches drop the
+    incomplete last one, so a smaller split would train nothing, and the run
+    would "finish" and export an untrained model."""
+    examples = info.num_examples(dataset.train_split)
+    if examples < batch_size:
+        raise errors.TrainSplitTooSmallError(
+            f"dataset.train_split {dataset.train_split!r} of {info.name} has {examples} examples, "
+            f"fewer than one batch (train.batch_size = {batch_size}, global): an epoch would take "
+            "no step, since the incomplete last batch is dropped; use a larger split or a smaller "
+            "train.batch_size"
+        )
+
+
 def check_class_count(expected: Optional[int], info: data_lib.DatasetInfo) -> None:
     """`model.num_classes`, when set, must be the dataset's class count."""
     if expected is not None and int(expected) != info.num_classes:
@@ -280,6 +294,8 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
         else data_lib.dataset_info(dataset.name, data_dir)
     )
     check_class_count(model_cfg.num_classes, info)
+    if training:
+        check_train_split(info, dataset, train.batch_size)
     image_size = check_image_size(dataset.image_size)
     image_shape = (*(image_size or info.image_shape[:2]), 3)
     if None in image_shape:

@@ -226,3 +226,14 @@ def test_second_run_into_a_model_dir_in_use_stops_at_once(tmp_path):
     assert_one_line_error(stderr, last, "ModelDirLockedError")
     assert f"pid {holder.pid} on host {socket.gethostname()}" in last and str(lock) in last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # not even config.json
+
+
+def test_train_split_smaller_than_one_batch_is_refused_before_anything_is_written(tmp_path):
+    """Issue #18 item 5: training batches drop the remainder, so 32 images in
+    batches of 64 would train nothing and export an untrained model."""
+    model_dir = tmp_path / "m"
+    code, last, stderr = run_main(*TINY, "--gin_param=dataset.train_split = 'train[:32]'", f"--model_dir={model_dir}")
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "TrainSplitTooSmallError")
+    assert "'train[:32]'" in last and "32 examples" in last and "train.batch_size = 64" in last
+    assert not model_dir.exists()
