@@ -90,6 +90,15 @@ def write_json_atomically(file_path: str, payload: dict) -> None:
     os.replace(tmp, file_path)
 
 
+# What to do about an unreadable file, without losing the run's work.
+_UNREADABLE_ADVICE = {
+    RESULTS_FILE: "restore it from a copy, or move it aside: the next run rebuilds it from the "
+    "TensorBoard logs in logs/ without training again",
+    CONFIG_FILE: "restore it from a copy, or move it aside and re-run with the configuration the "
+    "run was trained with (operative_config.gin lists it): the run writes it again",
+}
+
+
 def read_json(file_path: str) -> dict:
     """A model-directory JSON file, or a `RunFileError` naming it if it does not parse."""
     with open(file_path) as f:
@@ -97,9 +106,10 @@ def read_json(file_path: str) -> dict:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
+        advice = _UNREADABLE_ADVICE.get(os.path.basename(file_path), "restore it from a copy, or delete it")
         raise RunFileError(
             f"{file_path} is not valid JSON ({e}); it was probably cut short (a crash or a full "
-            "disk): restore it from a copy, or move the model directory aside and start anew"
+            f"disk): {advice}"
         ) from e
 
 

@@ -190,6 +190,7 @@ def test_truncated_results_file_is_named(tmp_path):
     assert code == 2
     assert_one_line_error(stderr, last, "RunFileError")
     assert str(tmp_path / "results.json") in last and "not valid JSON" in last
+    assert "move it aside" in last and "without training again" in last  # advice that loses no work
 
 
 def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):

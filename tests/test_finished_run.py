@@ -1,4 +1,4 @@
-"""What later commands do with a finished run (issue #18 item 2).
+"""What later commands do with a finished run (issue #18 items 2 and 7).
 
 One tiny run (128 CIFAR-10 sample images, 2 epochs, a one-block-per-stage
 ResNet) is trained once for the module; each test works on its own copy.
@@ -71,3 +71,21 @@ def test_export_and_eval_refuse_a_configuration_the_run_was_not_trained_with(run
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / "eval.json").read_text())["checkpoint"] == str(checkpoint)
+
+
+def test_deleted_results_json_is_rebuilt_from_the_logs_and_not_trained_again(run):
+    """Item 7: deleting results.json must not make a re-run retrain a finished run."""
+    before = json.loads((run / "results.json").read_text())
+    checkpoints = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    event_files = sorted(os.listdir(run / "logs" / "train"))
+    (run / "results.json").unlink()
+    result = run_cli(*TINY, f"--model_dir={run}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Not trained again: same checkpoints, no new TensorBoard events.
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == checkpoints
+    assert sorted(os.listdir(run / "logs" / "train")) == event_files
+    after = json.loads((run / "results.json").read_text())
+    assert after["completed"] and after["history"] == before["history"]
+    assert after["best"] == before["best"] and after["last"] == before["last"]
+    assert "rebuilt epochs 1, 2 from the TensorBoard logs" in result.stderr
+    assert after["export"] == str(run / "export" / "2")  # as any re-run of a finished run

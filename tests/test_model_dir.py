@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from dhm_keras import model_dir
-from dhm_keras.errors import ModelDirLockedError
+from dhm_keras.errors import ModelDirLockedError, RunFileError
 
 
 def config(**train):
@@ -113,3 +113,10 @@ def test_lock_from_another_host_is_respected(tmp_path):
     with pytest.raises(ModelDirLockedError, match=r"on host elsewhere\.example .*shut down.*delete"):
         with model_dir.locked(str(tmp_path)):
             pass
+
+
+def test_unreadable_json_advice_loses_no_work(tmp_path):
+    results = tmp_path / model_dir.RESULTS_FILE
+    results.write_text('{"completed": tr')
+    with pytest.raises(RunFileError, match="move it aside: the next run rebuilds it from the TensorBoard logs"):
+        model_dir.read_json(str(results))
