@@ -619,8 +619,9 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
                     exp.eval_ds, return_dict=True, verbose=cfg.TrainConfig().verbose
                 )
         result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
-    os.makedirs(model_dir, exist_ok=True)
-    model_dir_lib.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
+    with model_dir_lib.writing(model_dir):
+        os.makedirs(model_dir, exist_ok=True)
+        model_dir_lib.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
     return result
 
 
@@ -683,16 +684,30 @@ def serving_decode(dataset: cfg.DatasetConfig, hw: tuple):
 
 
 def export_main_branch(exp: Experiment, model_dir: str) -> str:
-    """SavedModel of b0 only, normalisation inside, under model_dir/export/<version>."""
+    """SavedModel of b0 only, normalisation inside, under model_dir/export/<version>.
+
+    TensorFlow reports a directory it may not write to (or a full disk) as an
+    OpError with a traceback; it becomes one `ModelDirWriteError` line.
+    """
     dataset = cfg.DatasetConfig()
     mean, std = data_lib.channel_stats(dataset.name, dataset.mean, dataset.std)
-    return export_lib.export_image_classifier(
-        exp.model.main_branch(),
-        os.path.join(model_dir, "export"),
-        exp.image_shape,
-        preprocess=lambda pixels: data_lib.normalize(pixels, mean, std),
-        decode=serving_decode(dataset, exp.image_shape[:2]),
-    )
+    export_dir = os.path.join(model_dir, "export")
+    try:
+        return export_lib.export_image_classifier(
+            exp.model.main_branch(),
+            export_dir,
+            exp.image_shape,
+            preprocess=lambda pixels: data_lib.normalize(pixels, mean, std),
+            decode=serving_decode(dataset, exp.image_shape[:2]),
+        )
+    except (tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError) as e:
+        if isinstance(e, tf.errors.ResourceExhaustedError) and "space" not in e.message.lower():
+            raise  # out of memory, not out of disk
+        raise errors.ModelDirWriteError(
+            f"cannot write the export under {export_dir} ({e.message.splitlines()[0]}); "
+            "use a --model_dir you can write to (copy a run that is not yours), or fix its "
+            "permissions or free space"
+        ) from e
 
 
 def export(

@@ -1,4 +1,4 @@
-"""What later commands do with a finished run (issue #18 items 2 and 7).
+"""What later commands do with a finished run (issue #18 items 2, 7 and 10).
 
 One tiny run (128 CIFAR-10 sample images, 2 epochs, a one-block-per-stage
 ResNet) is trained once for the module; each test works on its own copy.
@@ -7,10 +7,12 @@ ResNet) is trained once for the module; each test works on its own copy.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO_ROOT, run_cli
 
 TINY = [
     "--gin_file=gin/quickstart.gin",
@@ -89,3 +91,44 @@ def test_deleted_results_json_is_rebuilt_from_the_logs_and_not_trained_again(run
     assert after["best"] == before["best"] and after["last"] == before["last"]
     assert "rebuilt epochs 1, 2 from the TensorBoard logs" in result.stderr
     assert after["export"] == str(run / "export" / "2")  # as any re-run of a finished run
+
+
+def without_write_permission(command, probe_dir):
+    """`command` run so that file permissions bind it. Root ignores them: it
+    then runs without the capabilities that override them (setpriv), or the
+    test is skipped where that is not possible."""
+    if os.geteuid() != 0:
+        return command
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner,-linux_immutable"]
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop the permission override")
+    probe = subprocess.run([*prefix, "touch", str(probe_dir / "probe")], capture_output=True)
+    if probe.returncode == 0 or (probe_dir / "probe").exists():
+        pytest.skip("cannot make file permissions bind a root process here")
+    return [*prefix, *command]
+
+
+def test_read_only_finished_run_is_one_line_not_a_traceback(run):
+    """Item 10: a re-run by a user who may not write the finished run."""
+    command = [sys.executable, "-m", "dhm_keras.main", *TINY, f"--model_dir={run}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        subprocess.run(["chmod", "-R", "a-w", str(run)], check=True)
+        result = subprocess.run(
+            without_write_permission(command, run), cwd=REPO_ROOT, capture_output=True, text=True,
+            env=env, timeout=600,
+        )
+        assert_one_line_error(result, "ModelDirWriteError")
+        assert str(run) in last_line(result)
+        # Only export/ read-only (the directory itself writable): TensorFlow's own error at export.
+        subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
+        subprocess.run(["chmod", "a-w", str(run / "export")], check=True)
+        result = subprocess.run(
+            without_write_permission(command, run / "export"), cwd=REPO_ROOT, capture_output=True,
+            text=True, env=env, timeout=600,
+        )
+        assert_one_line_error(result, "ModelDirWriteError")
+        assert str(run / "export") in last_line(result)
+        assert not (run / "run.lock").exists()  # released on the error
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
