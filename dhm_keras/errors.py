@@ -32,6 +32,21 @@ class RunFileError(UserError, ValueError):
     """A file in the model directory (config.json, results.json) is unreadable."""
 
 
+class ModelDirLockedError(UserError, RuntimeError):
+    """Another run holds the model directory's lock (two runs would overwrite
+    each other's checkpoints, backup, logs and exports)."""
+
+
+class ModelDirWriteError(UserError, OSError):
+    """The model directory cannot be written (no permission, a read-only or
+    full file system), e.g. a finished run re-run by another user."""
+
+
+class TrainSplitTooSmallError(UserError, ValueError):
+    """The training split holds fewer examples than one global batch, so an
+    epoch would take no step (training batches drop the remainder)."""
+
+
 class GinSyntaxError(UserError, ValueError):
     """A Gin file or `--gin_param` binding that does not parse."""
 

@@ -4,9 +4,10 @@ Flags choose what to run and where; Gin files (``gin/``) choose the
 experiment. Errors a user can fix are reported as one line (``error:
 <Class>: <what and how to fix>``) with a non-zero exit code: 2 for
 configuration (a misspelled Gin binding or file, a missing dataset, class
-count or image size mismatches, a model_dir of another run), 3 for a run
-stopped by a NaN/inf loss, 4 for corrupt input data (see
-`dhm_keras.errors`); ``--debug`` shows the full traceback.
+count or image size mismatches, a model_dir of another run, in use by
+another run or not writable), 3 for a run stopped by a NaN/inf loss, 4 for
+corrupt input data (see `dhm_keras.errors`); ``--debug`` shows the full
+traceback.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ Model-directory layout:
   config.json                        the configuration this directory belongs to
   operative_config.gin               every Gin binding the run used
   export/<version>/                  SavedModel of the main branch b0
+  run.lock                           held while a run trains or exports (model_dir.locked)
 """
 
 from __future__ import annotations
@@ -96,7 +97,13 @@ def current_config(data_dir: Optional[str] = None) -> dict:
     }))
 
 
-def check_model_dir(model_dir: str, config: dict) -> None:
+def check_model_dir(
+    model_dir: str,
+    config: dict,
+    may_differ=frozenset(),
+    remedy: str = "use a new --model_dir",
+    what: str = "model_dir",
+) -> None:
     """Refuses to mix two configurations in one model directory.
 
     `config` is `current_config()`'s, already in the JSON form config.json reads back.
@@ -104,11 +111,61 @@ def check_model_dir(model_dir: str, config: dict) -> None:
     config_path = model_dir_lib.path(model_dir, model_dir_lib.CONFIG_FILE)
     if not os.path.exists(config_path):
         return
-    differences = model_dir_lib.config_differences(model_dir_lib.read_json(config_path), config)
+    differences = model_dir_lib.config_differences(
+        model_dir_lib.read_json(config_path), config, may_differ
+    )
     if differences:
         raise ConfigMismatchError(
-            f"model_dir {model_dir} holds a run with a different configuration "
-            f"({'; '.join(differences)}); use a new --model_dir"
+            f"{what} {model_dir} holds a run with a different configuration "
+            f"({'; '.join(differences)}); {remedy}"
+        )
+
+
+def check_run_config(model_dir: str, config: dict, checkpoint: Optional[str], verb: str) -> None:
+    """Refuses to export or evaluate a run under a configuration it was not trained with.
+
+    Another normalisation, image size or model would export or score a network
+    that was never trained that way, and label the result as this run's. The
+    configuration is compared with the config.json of `model_dir` (where the
+    export or eval.json is written) and of the run that `checkpoint` lies in,
+    where those exist; a bare weights file or export elsewhere has nothing to
+    be compared with. Execution fields and what an evaluation scores
+    (`model_dir.EVALUATION_FIELDS`) may differ.
+    """
+    runs = {os.path.realpath(model_dir): (model_dir, "model_dir")}
+    owner = model_dir_lib.run_dir_of(checkpoint) if checkpoint else None
+    if owner:
+        runs.setdefault(os.path.realpath(owner), (owner, "--checkpoint's model_dir"))
+    for run, what in runs.values():
+        gin_file = model_dir_lib.path(run, model_dir_lib.OPERATIVE_GIN_FILE)
+        check_model_dir(
+            run,
+            config,
+            may_differ=model_dir_lib.EVALUATION_FIELDS,
+            remedy=f"{verb} with the configuration it was trained with (--gin_file={gin_file})",
+            what=what,
+        )
+
+
+def locked_if_chief(model_dir: str, strategy: tf.distribute.Strategy):
+    """The model directory's lock (`model_dir.locked`) for the chief; nothing for
+    the other workers of a multi-worker run, which write nothing there."""
+    if distribute.is_chief(strategy):
+        return model_dir_lib.locked(model_dir)
+    return contextlib.nullcontext()
+
+
+def check_train_split(info: data_lib.DatasetInfo, dataset: cfg.DatasetConfig, batch_size: int) -> None:
+    """A training split needs one full global batch: training batches drop the
+    incomplete last one, so a smaller split would train nothing, and the run
+    would "finish" and export an untrained model."""
+    examples = info.num_examples(dataset.train_split)
+    if examples < batch_size:
+        raise errors.TrainSplitTooSmallError(
+            f"dataset.train_split {dataset.train_split!r} of {info.name} has {examples} examples, "
+            f"fewer than one batch (train.batch_size = {batch_size}, global): an epoch would take "
+            "no step, since the incomplete last batch is dropped; use a larger split or a smaller "
+            "train.batch_size"
         )
 
 
@@ -237,6 +294,8 @@ def build_experiment(data_dir: Optional[str] = None, training: bool = True) -> E
         else data_lib.dataset_info(dataset.name, data_dir)
     )
     check_class_count(model_cfg.num_classes, info)
+    if training:
+        check_train_split(info, dataset, train.batch_size)
     image_size = check_image_size(dataset.image_size)
     image_shape = (*(image_size or info.image_shape[:2]), 3)
     if None in image_shape:
@@ -276,23 +335,31 @@ def evaluation_epochs(epochs: int, every: int) -> list:
 
 
 def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True) -> dict:
-    """Trains (resuming if a backup exists), writes results.json, exports b0."""
+    """Trains (resuming if a backup exists), writes results.json, exports b0.
+
+    The chief holds the model directory's lock from before its first write
+    until it returns, so a second run into the same directory stops at once.
+    """
     exp = build_experiment(data_dir, training=True)
     check_model_dir(model_dir, exp.config)
     chief = distribute.is_chief(exp.strategy)
+    with locked_if_chief(model_dir, exp.strategy):
+        return _train(exp, model_dir, data_dir, evaluate, chief)
+
+
+def _train(exp: Experiment, model_dir: str, data_dir: Optional[str], evaluate: bool, chief: bool) -> dict:
     train_cfg = cfg.TrainConfig()
     os.makedirs(model_dir, exist_ok=True)
     results_path = os.path.join(model_dir, model_dir_lib.RESULTS_FILE)
-    if os.path.exists(results_path):
-        results = model_dir_lib.read_json(results_path)
-        if results.get("completed"):
-            logging.info("%s already holds a finished run; nothing to train.", model_dir)
-            if not chief:
-                return {}
-            exported = export(model_dir, data_dir, experiment=exp)
-            results["export"] = exported["export"]  # the newest version, as after training
-            model_dir_lib.write_json_atomically(results_path, results)
-            return {**results, **exported}
+    results = load_results(model_dir, train_cfg.epochs, exp.config, write=chief)
+    if results.get("completed"):
+        logging.info("%s already holds a finished run; nothing to train.", model_dir)
+        if not chief:
+            return {}
+        exported = export(model_dir, data_dir, experiment=exp)
+        results["export"] = exported["export"]  # the newest version, as after training
+        model_dir_lib.write_json_atomically(results_path, results)
+        return {**results, **exported}
     if chief:
         model_dir_lib.write_json_atomically(os.path.join(model_dir, "config.json"), exp.config)
         with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
@@ -363,6 +430,87 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
     results["export"] = export_main_branch(exp, model_dir)
     model_dir_lib.write_json_atomically(results_path, results)
     return results
+
+
+def load_results(model_dir: str, epochs: int, config: dict, write: bool) -> dict:
+    """results.json of the run in `model_dir`; rebuilt from its TensorBoard logs
+    if it is missing (and then written when `write`); {} for a new run.
+
+    Whether a run is finished must not hang on one small file that a user may
+    delete (an unreadable results.json is reported with the advice to move it
+    aside): the logs hold every finished epoch's metrics too, and a finished
+    run rebuilt from them is not trained again.
+    """
+    results_path = model_dir_lib.path(model_dir, model_dir_lib.RESULTS_FILE)
+    if os.path.exists(results_path):
+        return model_dir_lib.read_json(results_path)
+    history = history_from_logs(model_dir_lib.path(model_dir, model_dir_lib.LOG_DIR))
+    if not history:
+        return {}
+    if not write:  # a non-chief worker: it only needs to know what the chief will do
+        return {"completed": len(history) >= epochs}
+    writer = dhm_callbacks.ResultsWriter(model_dir, epochs, config)
+    writer.history = history
+    results = writer.write()
+    logging.warning(
+        "%s was missing: rebuilt epochs %s from the TensorBoard logs in %s (%s).",
+        results_path, ", ".join(str(e) for e in sorted(history)),
+        model_dir_lib.path(model_dir, model_dir_lib.LOG_DIR),
+        "a finished run" if results["completed"] else "training resumes",
+    )
+    return results
+
+
+def _epoch_summaries(log_dir: str) -> list:
+    """[(wall_time, epoch, {metric: value})]: the Keras TensorBoard callback's
+    per-epoch scalars in `log_dir` (tags `epoch_<metric>`, step = 0-based
+    epoch), one item per epoch per event file, in the order they were written."""
+    writes = {}
+    if not tf.io.gfile.isdir(log_dir):
+        return []
+    for name in sorted(tf.io.gfile.listdir(log_dir)):
+        if "tfevents" not in name:
+            continue
+        records = iter(tf.data.TFRecordDataset(os.path.join(log_dir, name)))
+        while True:
+            try:
+                event = tf.compat.v1.Event.FromString(next(records).numpy())
+            except StopIteration:
+                break
+            except tf.errors.DataLossError:  # a kill during a write cuts the last record
+                break
+            for value in event.summary.value:
+                if not value.tag.startswith("epoch_"):
+                    continue
+                number = (
+                    float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                )
+                wall_time, metrics = writes.setdefault((name, event.step), (event.wall_time, {}))
+                metrics[value.tag[len("epoch_"):]] = number
+    return sorted(
+        ((wall_time, step, metrics) for (_, step), (wall_time, metrics) in writes.items()),
+        key=lambda item: (item[0], item[1]),
+    )
+
+
+def history_from_logs(log_dir: str) -> dict:
+    """{epoch: results.json history entry} as `ResultsWriter` recorded them,
+    from logs/train and logs/validation.
+
+    An epoch written again by a resumed attempt replaces the earlier write, and
+    (as in ResultsWriter) drops the epochs an earlier attempt had recorded
+    after it. `learning_rate` is added by the TensorBoard callback, not a fit
+    metric, so it is left out as results.json leaves it out.
+    """
+    history = {}
+    for _, step, metrics in _epoch_summaries(os.path.join(log_dir, "train")):
+        history = {e: entry for e, entry in history.items() if e < step + 1}
+        metrics.pop("learning_rate", None)
+        history[step + 1] = {"epoch": step + 1, "train": metrics, "eval": {}}
+    for _, step, metrics in _epoch_summaries(os.path.join(log_dir, "validation")):
+        if step + 1 in history:
+            history[step + 1]["eval"] = metrics
+    return history
 
 
 def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
@@ -445,7 +593,11 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
     export directory `<model_dir>/export/<version>` (the served B0 is
     scored through its `serving_float` signature, i.e. with the
     preprocessing inside the SavedModel). Default: the latest checkpoint.
+
+    It takes no lock: evaluating a run while it trains is normal, and
+    eval.json is replaced atomically.
     """
+    check_run_config(model_dir, current_config(data_dir), checkpoint, "evaluate")
     if is_saved_model(checkpoint):
         if reid_data.is_reid_dataset(cfg.DatasetConfig().name):
             raise errors.CheckpointError(
@@ -467,8 +619,9 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optiona
                     exp.eval_ds, return_dict=True, verbose=cfg.TrainConfig().verbose
                 )
         result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
-    os.makedirs(model_dir, exist_ok=True)
-    model_dir_lib.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
+    with model_dir_lib.writing(model_dir):
+        os.makedirs(model_dir, exist_ok=True)
+        model_dir_lib.write_json_atomically(os.path.join(model_dir, "eval.json"), result)
     return result
 
 
@@ -531,16 +684,30 @@ def serving_decode(dataset: cfg.DatasetConfig, hw: tuple):
 
 
 def export_main_branch(exp: Experiment, model_dir: str) -> str:
-    """SavedModel of b0 only, normalisation inside, under model_dir/export/<version>."""
+    """SavedModel of b0 only, normalisation inside, under model_dir/export/<version>.
+
+    TensorFlow reports a directory it may not write to (or a full disk) as an
+    OpError with a traceback; it becomes one `ModelDirWriteError` line.
+    """
     dataset = cfg.DatasetConfig()
     mean, std = data_lib.channel_stats(dataset.name, dataset.mean, dataset.std)
-    return export_lib.export_image_classifier(
-        exp.model.main_branch(),
-        os.path.join(model_dir, "export"),
-        exp.image_shape,
-        preprocess=lambda pixels: data_lib.normalize(pixels, mean, std),
-        decode=serving_decode(dataset, exp.image_shape[:2]),
-    )
+    export_dir = os.path.join(model_dir, "export")
+    try:
+        return export_lib.export_image_classifier(
+            exp.model.main_branch(),
+            export_dir,
+            exp.image_shape,
+            preprocess=lambda pixels: data_lib.normalize(pixels, mean, std),
+            decode=serving_decode(dataset, exp.image_shape[:2]),
+        )
+    except (tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError) as e:
+        if isinstance(e, tf.errors.ResourceExhaustedError) and "space" not in e.message.lower():
+            raise  # out of memory, not out of disk
+        raise errors.ModelDirWriteError(
+            f"cannot write the export under {export_dir} ({e.message.splitlines()[0]}); "
+            "use a --model_dir you can write to (copy a run that is not yours), or fix its "
+            "permissions or free space"
+        ) from e
 
 
 def export(
@@ -549,7 +716,16 @@ def export(
     checkpoint: Optional[str] = None,
     experiment: Optional[Experiment] = None,
 ) -> dict:
-    """Exports b0 from a checkpoint (default: the latest in model_dir)."""
+    """Exports b0 from a checkpoint (default: the latest in model_dir).
+
+    The configuration must be the run's (`check_run_config`): another one
+    would serve the weights with, say, another normalisation as this run's
+    newest version. The chief holds the model directory's lock while it
+    writes (re-entrant: training calls this with the lock held).
+    """
+    config = experiment.config if experiment else current_config(data_dir)
+    check_run_config(model_dir, config, checkpoint, "export")
     exp = experiment or build_experiment(data_dir, training=False)
-    checkpoint = _restore(exp, model_dir, checkpoint)
-    return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir)}
+    with locked_if_chief(model_dir, exp.strategy):
+        checkpoint = _restore(exp, model_dir, checkpoint)
+        return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir)}

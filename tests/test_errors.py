@@ -190,6 +190,7 @@ def test_truncated_results_file_is_named(tmp_path):
     assert code == 2
     assert_one_line_error(stderr, last, "RunFileError")
     assert str(tmp_path / "results.json") in last and "not valid JSON" in last
+    assert "move it aside" in last and "without training again" in last  # advice that loses no work
 
 
 def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
@@ -206,3 +207,34 @@ def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
     assert code == 2
     assert_one_line_error(stderr, last, "CheckpointError")
     assert str(checkpoint) in last and "earlier" in last
+
+
+def test_second_run_into_a_model_dir_in_use_stops_at_once(tmp_path):
+    """Issue #18 item 3: another live run holds the lock; nothing is written."""
+    import socket
+    import subprocess
+    import time
+
+    holder = subprocess.Popen(["sleep", "600"])  # stands in for the first run
+    lock = tmp_path / "run.lock"
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": time.time()}))
+        code, last, stderr = run_main(*TINY, f"--model_dir={tmp_path}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "ModelDirLockedError")
+    assert f"pid {holder.pid} on host {socket.gethostname()}" in last and str(lock) in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # not even config.json
+
+
+def test_train_split_smaller_than_one_batch_is_refused_before_anything_is_written(tmp_path):
+    """Issue #18 item 5: training batches drop the remainder, so 32 images in
+    batches of 64 would train nothing and export an untrained model."""
+    model_dir = tmp_path / "m"
+    code, last, stderr = run_main(*TINY, "--gin_param=dataset.train_split = 'train[:32]'", f"--model_dir={model_dir}")
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "TrainSplitTooSmallError")
+    assert "'train[:32]'" in last and "32 examples" in last and "train.batch_size = 64" in last
+    assert not model_dir.exists()
