@@ -117,6 +117,28 @@ def test_nan_loss_stops_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+def sample_copy(tmp_path):
+    """A copy of the committed CIFAR-10 sample and its train record file, to damage."""
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(REPO_ROOT, "quickstart_data"), data)
+    (record,) = [p for p in (data / "cifar10_jpeg" / "1.0.0").iterdir() if "train.tfrecord" in p.name]
+    return data, record
+
+
+def rewrite_record(record_file, index, edit):
+    """Rewrites example `index` of a TFRecord file through `edit(tf.train.Example)`;
+    the file stays well-formed (checksums recomputed), only the content changes."""
+    import tensorflow as tf
+
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(record_file))]
+    example = tf.train.Example.FromString(records[index])
+    edit(example)
+    records[index] = example.SerializeToString()
+    with tf.io.TFRecordWriter(str(record_file)) as writer:
+        for r in records:
+            writer.write(r)
+
+
 def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(os.path.join(REPO_ROOT, "quickstart_data"), data)
@@ -128,6 +150,19 @@ def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
     assert code == 4, stderr[-3000:]
     assert_one_line_error(stderr, last, "CorruptInputError")
     assert "corrupt record" in last
+
+
+def test_label_out_of_range_names_record_split_and_valid_range(tmp_path):
+    def relabel(example):
+        example.features.feature["label"].int64_list.value[0] = 15  # CIFAR-10: 0..9
+
+    data, record = sample_copy(tmp_path)
+    rewrite_record(record, 5, relabel)
+    code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}")
+    assert code == 4, stderr[-3000:]
+    assert_one_line_error(stderr, last, "CorruptInputError")
+    assert f"record 5 of {record} " in last, last
+    assert "split 'train[:128]' of cifar10_jpeg" in last and "label 15" in last and "[0, 9]" in last, last
 
 
 def test_malformed_binding_is_named(tmp_path):
