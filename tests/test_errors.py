@@ -165,6 +165,17 @@ def test_label_out_of_range_names_record_split_and_valid_range(tmp_path):
     assert "split 'train[:128]' of cifar10_jpeg" in last and "label 15" in last and "[0, 9]" in last, last
 
 
+def test_missing_record_file_is_named_before_training(tmp_path):
+    data, record = sample_copy(tmp_path)
+    record.unlink()
+    model_dir = tmp_path / "m"
+    code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={model_dir}")
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "MissingDataFileError")
+    assert str(record) in last and "prepare it again" in last, last
+    assert not model_dir.exists()  # found while building the pipeline, not mid-epoch
+
+
 def test_malformed_binding_is_named(tmp_path):
     code, last, stderr = run_main(*TINY, "--gin_param=train.epochs =", f"--model_dir={tmp_path}")
     assert code == 2

@@ -11,7 +11,11 @@ nothing. This module turns them into errors of `dhm_keras.errors` that
   example's position in a fixed-order read, or TFDS's ``tfds_id`` when the
   files are read shuffled) and the split. Unchecked, the loss fails on CPU with an
   ``InvalidArgumentError`` naming neither, and on a GPU the sparse
-  cross-entropy may silently read outside its row (garbage training).
+  cross-entropy may silently read outside its row (garbage training);
+* a missing record file: `require_files` looks for every file a split reads
+  when the pipeline is built, before any training; a file that disappears
+  later is a ``NotFoundError`` naming it. Both are `MissingDataFileError`
+  (exit 2): the dataset must be prepared again.
 
 The files and splits come from a process-wide list of the live pipelines
 that `make_dataset` fills (`remember`): the error surfaces in Keras'
@@ -26,7 +30,7 @@ import gc
 import os
 import re
 import weakref
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -187,6 +191,40 @@ def _label_error(message: str) -> Optional[errors.CorruptInputError]:
     )
 
 
+# ----------------------------------------------------------------------------- missing files
+
+
+def missing_files(files: Sequence[str]) -> List[str]:
+    """The `files` that do not exist; one directory listing per directory
+    (cheap on cloud storage too, where a stat per shard would not be)."""
+    missing, listings = [], {}
+    for path in files:
+        directory, name = os.path.split(path)
+        if directory not in listings:
+            try:
+                listings[directory] = set(tf.io.gfile.listdir(directory))
+            except tf.errors.NotFoundError:
+                listings[directory] = set()
+        if name not in listings[directory]:
+            missing.append(path)
+    return missing
+
+
+def _missing_message(missing: Sequence[str], description: str) -> str:
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return (
+        f"{missing[0]}{more} of {description} is missing: the prepared dataset is incomplete; "
+        "prepare it again (or restore the file from a complete copy)"
+    )
+
+
+def require_files(files: Sequence[str], description: str) -> None:
+    """Raises `MissingDataFileError` naming the first missing file, before any training."""
+    missing = missing_files(files)
+    if missing:
+        raise errors.MissingDataFileError(_missing_message(missing, description))
+
+
 # ----------------------------------------------------------------------------- error text
 
 
@@ -196,10 +234,18 @@ def input_errors_are_clear(what: str):
 
     `what` names the data being read ("evaluation", "training or
     evaluation"). A label out of range (see `checked_label`) and damaged or
-    undecodable records become `CorruptInputError` (exit 4).
+    undecodable records become `CorruptInputError` (exit 4), a missing
+    record file `MissingDataFileError` (exit 2).
     """
     try:
         yield
+    except tf.errors.NotFoundError as e:
+        missing = re.search(r"(\S+); No such file or directory", e.message or "")
+        if not missing:
+            raise
+        raise errors.MissingDataFileError(
+            _missing_message([missing.group(1)], f"the {what} data")
+        ) from e
     except tf.errors.DataLossError as e:
         raise errors.CorruptInputError(
             f"corrupt record in the {what} data: {e.message.splitlines()[0]} "

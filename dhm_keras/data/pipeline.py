@@ -64,9 +64,11 @@ Design choices, and why:
 * Never downloads: the builder is only asked to read (`as_dataset`, what
   `tfds.load(..., download=False)` does), and a missing dataset is a clear
   `DatasetNotFoundError` naming the dataset and the directory searched.
-* A bad label stops the run with one line naming the file and record
+* Damaged data stops the run with one line naming the file and record
   (`input_errors`): every label is range-checked as it leaves its record
-  (one comparison per example).
+  (one comparison per example), and the split's record files are looked
+  for when the pipeline is built, so a missing shard is reported before
+  training instead of in the middle of an epoch.
 * Determinism also needs the same global TF seed (`keras.utils.
   set_random_seed`), because tf.data combines it with the op seeds. The
   per-epoch re-randomisation counts iterations of this dataset object, so a
@@ -351,6 +353,7 @@ def make_dataset(
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared under data_dir.
+      MissingDataFileError: a record file the split needs is missing.
       ValueError: unsupported features or missing statistics, an unknown
         `augmentation`, or a crop larger than `eval_resize`.
     """
@@ -390,6 +393,8 @@ def make_dataset(
 
     description = f"split {split!r} of {name}"
     shards = _split_shards(builder, split)
+    # Before training starts, not at the first read of the missing shard.
+    input_errors.require_files([path for path, _, _ in shards], description)
 
     # The cache freezes the file order anyway; corruption needs it fixed.
     shuffle_files = training and not cache and not label_noise

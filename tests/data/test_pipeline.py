@@ -5,7 +5,8 @@ Three data sources, none downloaded:
   dtypes, ranges, batching.
 * the committed `quickstart_data/` (first 5,000/1,000 real CIFAR-10 JPEGs):
   determinism, augmentation correctness, slicing. Small, so fast. Copies
-  with one record rewritten (bad label): the errors name the file and record.
+  with one record rewritten (bad label) or a record file deleted: the
+  errors name the file and record.
 * the full prepared `cifar10_jpeg` in `<repo>/../shared/tensorflow_datasets`
   (where CI's fresh clone finds it): exact normalisation against a NumPy
   reference, and that the quickstart sample is a byte-exact prefix of it.
@@ -30,7 +31,7 @@ from dhm_keras.data import (
     normalize_reference_np,
 )
 from dhm_keras.data.input_errors import input_errors_are_clear
-from dhm_keras.errors import CorruptInputError
+from dhm_keras.errors import CorruptInputError, MissingDataFileError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO_ROOT / "quickstart_data"
@@ -277,6 +278,18 @@ def test_evaluation_label_out_of_range_names_record_and_valid_range(tmp_path):
     # A slice that starts later still names the record, not its position in the slice.
     with pytest.raises(CorruptInputError, match=f"record 3 of {record} "):
         _read_all(data, "test[2:64]", training=False)
+
+
+def test_record_file_missing_before_or_during_reading_is_named(tmp_path):
+    data, record = _damaged_copy(tmp_path, "train")
+    ds = make_dataset(NAME, "train[:64]", data_dir=str(data), global_batch_size=32,
+                      training=True, cache=False, seed=0)
+    record.unlink()
+    with pytest.raises(MissingDataFileError, match=f"{record} of the test data is missing"):
+        with input_errors_are_clear("test"):
+            list(ds)
+    with pytest.raises(MissingDataFileError, match=f"{record} of split 'train\\[:64\\]'.*prepare it again"):
+        make_dataset(NAME, "train[:64]", data_dir=str(data), global_batch_size=32, training=False)
 
 
 # --------------------------------------------------------------- full dataset
