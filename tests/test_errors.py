@@ -140,16 +140,25 @@ def rewrite_record(record_file, index, edit):
 
 
 def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(os.path.join(REPO_ROOT, "quickstart_data"), data)
-    (record,) = [p for p in (data / "cifar10_jpeg" / "1.0.0").iterdir() if "train.tfrecord" in p.name]
+    import tensorflow as tf
+
+    data, record = sample_copy(tmp_path)
+    # The record holding byte 5000: each record is its payload plus 16 bytes of framing.
+    starts = [0]
+    for r in tf.data.TFRecordDataset(str(record)).take(20):
+        starts.append(starts[-1] + len(r.numpy()) + 16)
+    damaged = max(i for i, start in enumerate(starts) if start <= 5000)
     payload = bytearray(record.read_bytes())
     payload[5000:5064] = bytes(64)  # inside one of the first few records
     record.write_bytes(bytes(payload))
     code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}")
     assert code == 4, stderr[-3000:]
     assert_one_line_error(stderr, last, "CorruptInputError")
-    assert "corrupt record" in last
+    # The file, the record and its offset, and TensorFlow's own message.
+    assert "corrupt record" in last and str(record) in last, last
+    assert f"record {damaged} (byte offset {starts[damaged]})" in last, last
+    assert f"corrupted record at {starts[damaged]}" in last, last
+    assert "Graph execution error" not in last
 
 
 def test_label_out_of_range_names_record_split_and_valid_range(tmp_path):

@@ -15,7 +15,14 @@ nothing. This module turns them into errors of `dhm_keras.errors` that
 * a missing record file: `require_files` looks for every file a split reads
   when the pipeline is built, before any training; a file that disappears
   later is a ``NotFoundError`` naming it. Both are `MissingDataFileError`
-  (exit 2): the dataset must be prepared again.
+  (exit 2): the dataset must be prepared again;
+* a record that fails its CRC (``DataLossError``): TensorFlow gives only the
+  byte offset, so `locate_damaged_record` walks the record headers of the
+  files the pipelines read to find the file (and record index) that has a
+  bad record at that offset;
+* an image that does not decode: the decoder's message names neither file
+  nor record, so `locate_undecodable_image` re-reads the splits' encoded
+  images (up to a time budget) to find the first one that fails.
 
 The files and splits come from a process-wide list of the live pipelines
 that `make_dataset` fills (`remember`): the error surfaces in Keras'
@@ -29,8 +36,10 @@ import dataclasses
 import gc
 import os
 import re
+import struct
+import time
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -43,6 +52,10 @@ _LABEL_FAILURE = re.compile(
     re.escape(LABEL_CHECK)
     + r"\|(?P<source>[^|]*)\|(?P<classes>\d+)\|(?P<directory>.*?)\] \[(?P<record>[^\[\]]*)\] \[(?P<label>-?\d+ -?\d+)\]"
 )
+# Seconds spent looking for an undecodable image after a decode error.
+LOCATE_BUDGET_S = 60.0
+# Longest decoder message quoted in an error line.
+_MAX_DETAIL = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +65,16 @@ class Source:
     `description` names the split ("split 'train[:128]' of cifar10_jpeg");
     `shards` are its `(record file, first record, number of records)` in
     the order a fixed-order read visits them (TFDS's file instructions), so
-    that a position in the split maps to a file and index.
+    that a position in the split maps to a file and index; `images`, if
+    given, returns a fresh dataset of the split's encoded images in that
+    order, for `locate_undecodable_image`. `image_files`: each file is one
+    image (re-ID folders), not a file of records.
     """
 
     description: str
     shards: Tuple[Tuple[str, int, int], ...]
+    images: Optional[Callable[[], tf.data.Dataset]] = dataclasses.field(default=None, compare=False)
+    image_files: bool = False
 
     @property
     def files(self) -> Tuple[str, ...]:
@@ -71,9 +89,11 @@ class Source:
         return None
 
     def record_name(self, position: int) -> Optional[str]:
-        """"record 12 of <file>" for the split's `position`-th example."""
+        """"record 12 of <file>" (or the image file) for the split's `position`-th example."""
         found = self.record(position)
-        return None if found is None else f"record {found[1]} of {found[0]}"
+        if found is None:
+            return None
+        return found[0] if self.image_files else f"record {found[1]} of {found[0]}"
 
 
 # (source, weak reference to the dataset reading it), oldest first.
@@ -225,7 +245,156 @@ def require_files(files: Sequence[str], description: str) -> None:
         raise errors.MissingDataFileError(_missing_message(missing, description))
 
 
+# ----------------------------------------------------------------------------- damaged records
+
+
+def _crc32c_table() -> Tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The checksum TFRecord stores: CRC-32C (Castagnoli), rotated and offset."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _record_at(path: str, offset: int, deadline: float) -> Optional[int]:
+    """Index of the record starting at byte `offset` of `path` if that record
+    is damaged (bad checksum, or cut short); None otherwise.
+
+    Hops from record to record by their 8-byte length fields (no payload is
+    read), so a file in which `offset` is not a record boundary is ruled out
+    cheaply; only the record at `offset` is checksummed. Every record before
+    `offset` passed TensorFlow's checks, so in the damaged file the hops do
+    land on `offset`.
+    """
+    with tf.io.gfile.GFile(path, "rb") as f:
+        position, index = 0, 0
+        while position < offset:
+            if time.monotonic() > deadline:
+                return None
+            f.seek(position)
+            header = f.read(8)
+            if len(header) < 8:
+                return None
+            (length,) = struct.unpack("<Q", header)
+            position += 8 + 4 + length + 4
+            index += 1
+        if position != offset:
+            return None
+        f.seek(offset)
+        header = f.read(12)
+        if len(header) < 12:
+            return index  # cut short
+        (length,) = struct.unpack("<Q", header[:8])
+        if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+            return index
+        payload = f.read(length + 4)
+        if len(payload) < length + 4:
+            return index
+        intact = struct.unpack("<I", payload[length:])[0] == masked_crc32c(payload[:length])
+        return None if intact else index
+
+
+def locate_damaged_record(files: Sequence[str], offset: int, budget_s: float = LOCATE_BUDGET_S) -> Optional[Tuple[str, int]]:
+    """(file, record index) of the damaged record TensorFlow reported at byte
+    `offset` ("corrupted record at <offset>", without a file name), or None."""
+    deadline = time.monotonic() + budget_s
+    for path in files:
+        try:
+            if tf.io.gfile.stat(path).length <= offset:
+                continue
+            index = _record_at(path, offset, deadline)
+        except (OSError, tf.errors.OpError):
+            continue
+        if index is not None:
+            return path, index
+        if time.monotonic() > deadline:
+            return None
+    return None
+
+
+def locate_undecodable_image(budget_s: float = LOCATE_BUDGET_S) -> Optional[Tuple[str, str]]:
+    """("record <index> of <file>" or the image file, source description) of
+    the first image, over the live sources, that `tf.io.decode_image` rejects; None if none is
+    found within `budget_s` seconds.
+
+    Runs at tf.data speed: the decode errors are dropped (`ignore_errors`)
+    and the first gap in the record positions is the bad one.
+    """
+    deadline = time.monotonic() + budget_s
+
+    def decodes(position, encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return position, tf.shape(image)[0]
+
+    for source in live_sources():
+        if source.images is None:
+            continue
+        positions = (
+            source.images().enumerate().map(decodes, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+        )
+        expected = 0
+        for position, _ in positions.as_numpy_iterator():
+            if position != expected:
+                break  # record `expected` did not decode
+            if time.monotonic() > deadline:
+                return None
+            expected += 1
+        name = source.record_name(expected)  # None: every image decoded
+        if name:
+            return name, source.description
+    return None
+
+
 # ----------------------------------------------------------------------------- error text
+
+
+def decoder_message(error: tf.errors.OpError, limit: int = _MAX_DETAIL) -> str:
+    """The op's own message from TensorFlow's error text, on one line.
+
+    In graph mode (Keras' fit) the text starts "Graph execution error:",
+    then a Python stack of where the failing node was defined, then the
+    op's message (e.g. "jpeg::Uncompress failed. Invalid JPEG data or
+    size."), then node names. Keeps the message and the first node that is
+    not the iterator itself ("op decode_image/DecodeImage"), drops the rest.
+    """
+    text = re.sub(r"\{\{function_node [^}]*\}\}", " ", error.message or "")
+    kept, in_stack = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("Detected at node"):
+            in_stack = True
+            continue
+        if in_stack and (not stripped or line.startswith("  File ") or stripped == "<stack traces unavailable>"):
+            continue
+        in_stack = False
+        kept.append(stripped)
+    text = " ".join(kept).replace("Graph execution error:", " ")
+    # tf.data's prefix naming the chain of iterators, then the op's message.
+    text = re.sub(r"Error in user-defined function passed to \S+ transformation with iterator: \S+: ", "", text)
+    nodes = [n for n in re.findall(r"\{\{node ([^}]+)\}\}", text) if "IteratorGetNext" not in n]
+    text = re.sub(r"\[\[.*?\]\]", " ", text)
+    text = re.sub(r"\[Op:[^\]]*\]( name:)?", " ", text)
+    text = " ".join(text.split())
+    if nodes:
+        text = f"{text} (op {nodes[0]})"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_DECODE_WORDS = ("decode", "jpeg", "png", "gif", "bmp", "image", "record")
 
 
 @contextlib.contextmanager
@@ -233,31 +402,47 @@ def input_errors_are_clear(what: str):
     """Turns TensorFlow's errors about the input data into one-line user errors.
 
     `what` names the data being read ("evaluation", "training or
-    evaluation"). A label out of range (see `checked_label`) and damaged or
-    undecodable records become `CorruptInputError` (exit 4), a missing
-    record file `MissingDataFileError` (exit 2).
+    evaluation"). Labels out of range and undecodable or damaged records
+    become `CorruptInputError` (exit 4), a missing record file
+    `MissingDataFileError` (exit 2); each names the file and record where
+    it can (see the module docstring) and quotes the decoder's message.
     """
     try:
         yield
     except tf.errors.NotFoundError as e:
-        missing = re.search(r"(\S+); No such file or directory", e.message or "")
+        missing = re.match(r"(.+?); No such file or directory", decoder_message(e, limit=10_000))
         if not missing:
             raise
         raise errors.MissingDataFileError(
             _missing_message([missing.group(1)], f"the {what} data")
         ) from e
     except tf.errors.DataLossError as e:
+        detail = decoder_message(e)
+        offset = re.search(r"(?:corrupted|truncated) record at (\d+)", e.message or "")
+        files = list(dict.fromkeys(
+            f for source in live_sources() if not source.image_files for f in source.files
+        ))
+        found = locate_damaged_record(files, int(offset.group(1))) if offset and files else None
+        if found:
+            where = f"record {found[1]} (byte offset {offset.group(1)}) of {found[0]} is damaged"
+        elif files:
+            where = f"a record is damaged in one of {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+        else:
+            where = "a record is damaged"
         raise errors.CorruptInputError(
-            f"corrupt record in the {what} data: {e.message.splitlines()[0]} "
-            "(re-create or re-download the dataset; TFDS checks record checksums)"
+            f"corrupt record in the {what} data: {where} ({detail}); re-create or re-download "
+            "the dataset (TFDS checks record checksums)"
         ) from e
     except tf.errors.InvalidArgumentError as e:
         label_error = _label_error(e.message or "")
         if label_error is not None:
             raise label_error from e
-        message = e.message.lower()
-        if not any(w in message for w in ("decode", "jpeg", "png", "image", "record")):
+        if not any(w in (e.message or "").lower() for w in _DECODE_WORDS):
             raise
+        detail = decoder_message(e)
+        found = locate_undecodable_image()
+        where = f"{found[0]} ({found[1]})" if found else "an image"
         raise errors.CorruptInputError(
-            f"undecodable record in the {what} data: {e.message.splitlines()[0]}"
+            f"undecodable record in the {what} data: {where} does not decode ({detail}); "
+            "re-create the dataset from intact images"
         ) from e

@@ -226,6 +226,22 @@ def _split_shards(builder: tfds.core.DatasetBuilder, split: str) -> Tuple[Tuple[
     return tuple((os.fspath(i.filename), int(i.skip), int(i.take)) for i in instructions)
 
 
+def _encoded_images(builder: tfds.core.DatasetBuilder, split: str):
+    """The encoded images of `split` in file order, for locating one that does
+    not decode (`input_errors.locate_undecodable_image`)."""
+
+    def images() -> tf.data.Dataset:
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        return ds.map(lambda example: example["image"])
+
+    return images
+
+
 def _image_hw(image_size: Optional[ImageSize]) -> Optional[Tuple[int, int]]:
     if image_size is None:
         return None
@@ -487,6 +503,6 @@ def make_dataset(
     ds = ds.with_options(options).prefetch(AUTOTUNE)
     if shards:
         input_errors.remember(
-            input_errors.Source(description, shards), ds
+            input_errors.Source(description, shards, images=_encoded_images(builder, split)), ds
         )
     return ds

@@ -5,8 +5,8 @@ Three data sources, none downloaded:
   dtypes, ranges, batching.
 * the committed `quickstart_data/` (first 5,000/1,000 real CIFAR-10 JPEGs):
   determinism, augmentation correctness, slicing. Small, so fast. Copies
-  with one record rewritten (bad label) or a record file deleted: the
-  errors name the file and record.
+  with one record rewritten (bad label, truncated JPEG) or a record file
+  deleted: the errors name the file and record.
 * the full prepared `cifar10_jpeg` in `<repo>/../shared/tensorflow_datasets`
   (where CI's fresh clone finds it): exact normalisation against a NumPy
   reference, and that the quickstart sample is a byte-exact prefix of it.
@@ -278,6 +278,39 @@ def test_evaluation_label_out_of_range_names_record_and_valid_range(tmp_path):
     # A slice that starts later still names the record, not its position in the slice.
     with pytest.raises(CorruptInputError, match=f"record 3 of {record} "):
         _read_all(data, "test[2:64]", training=False)
+
+
+@pytest.mark.parametrize("augmentation", ["pad_crop_flip", "random_resized_crop"])
+def test_undecodable_image_names_record_and_decoder_message(tmp_path, augmentation):
+    def truncate(example):
+        image = example.features.feature["image"].bytes_list.value
+        image[0] = image[0][:200]
+
+    data, record = _damaged_copy(tmp_path, "train", 7, truncate)
+    with pytest.raises(CorruptInputError) as err:
+        _read_all(data, "train[:64]", training=True, seed=0, image_size=32, augmentation=augmentation)
+    message = str(err.value)
+    assert f"record 7 of {record} (split 'train[:64]' of {NAME}) does not decode" in message, message
+    assert "JPEG data" in message  # the decoder's own words
+    assert "Graph execution error" not in message and "\n" not in message
+
+
+def test_reid_image_that_does_not_decode_is_named(tmp_path):
+    from dhm_keras.data.reid import make_reid_dataset
+
+    jpeg = tf.io.encode_jpeg(np.full((16, 8, 3), 128, np.uint8)).numpy()
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "market1501" / folder).mkdir(parents=True)
+        for person in (1, 2, 3):
+            (tmp_path / "market1501" / folder / f"000{person}_c1s1_000001_01.jpg").write_bytes(jpeg)
+    broken = tmp_path / "market1501" / "bounding_box_train" / "0002_c1s1_000001_01.jpg"
+    broken.write_bytes(jpeg[:100])
+    ds = make_reid_dataset("market1501", "train", data_dir=str(tmp_path), global_batch_size=2,
+                           training=False, image_size=(16, 8))
+    with pytest.raises(CorruptInputError) as err:
+        with input_errors_are_clear("test"):
+            list(ds)
+    assert f"{broken} (split 'train' of market1501) does not decode" in str(err.value), str(err.value)
 
 
 def test_record_file_missing_before_or_during_reading_is_named(tmp_path):
