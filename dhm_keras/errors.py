@@ -65,3 +65,7 @@ class CorruptInputError(UserError, RuntimeError):
     """A record of the input data cannot be read or decoded."""
 
     exit_code = 4
+
+
+class MissingDataFileError(UserError, FileNotFoundError):
+    """A file of a prepared dataset is missing: the dataset must be prepared again."""

@@ -40,6 +40,7 @@ from dhm_keras import model_dir as model_dir_lib
 from dhm_keras import models
 from dhm_keras.data import imagenet as imagenet_lib
 from dhm_keras.data import reid as reid_data
+from dhm_keras.data.input_errors import input_errors_are_clear
 from dhm_keras.evaluation import reid as reid_eval
 from dhm_keras.model import BernoulliBranchSampler, DHMModel
 from official.common import distribute
@@ -560,30 +561,6 @@ def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
 
 def is_saved_model(path: Optional[str]) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
-
-
-@contextlib.contextmanager
-def input_errors_are_clear(what: str):
-    """Turns tf.data's errors on unreadable records into `CorruptInputError`.
-
-    TFRecord readers check a CRC per record (DataLossError); image decoders
-    fail with InvalidArgumentError naming the codec. Either way the user
-    needs to know it is the data, not the code.
-    """
-    try:
-        yield
-    except tf.errors.DataLossError as e:
-        raise errors.CorruptInputError(
-            f"corrupt record in the {what} data: {e.message.splitlines()[0]} "
-            "(re-create or re-download the dataset; TFDS checks record checksums)"
-        ) from e
-    except tf.errors.InvalidArgumentError as e:
-        message = e.message.lower()
-        if not any(w in message for w in ("decode", "jpeg", "png", "image", "record")):
-            raise
-        raise errors.CorruptInputError(
-            f"undecodable record in the {what} data: {e.message.splitlines()[0]}"
-        ) from e
 
 
 def evaluate(model_dir: str, data_dir: Optional[str] = None, checkpoint: Optional[str] = None) -> dict:

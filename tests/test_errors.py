@@ -117,17 +117,72 @@ def test_nan_loss_stops_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
+def sample_copy(tmp_path):
+    """A copy of the committed CIFAR-10 sample and its train record file, to damage."""
     data = tmp_path / "data"
     shutil.copytree(os.path.join(REPO_ROOT, "quickstart_data"), data)
     (record,) = [p for p in (data / "cifar10_jpeg" / "1.0.0").iterdir() if "train.tfrecord" in p.name]
+    return data, record
+
+
+def rewrite_record(record_file, index, edit):
+    """Rewrites example `index` of a TFRecord file through `edit(tf.train.Example)`;
+    the file stays well-formed (checksums recomputed), only the content changes."""
+    import tensorflow as tf
+
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(record_file))]
+    example = tf.train.Example.FromString(records[index])
+    edit(example)
+    records[index] = example.SerializeToString()
+    with tf.io.TFRecordWriter(str(record_file)) as writer:
+        for r in records:
+            writer.write(r)
+
+
+def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):
+    import tensorflow as tf
+
+    data, record = sample_copy(tmp_path)
+    # The record holding byte 5000: each record is its payload plus 16 bytes of framing.
+    starts = [0]
+    for r in tf.data.TFRecordDataset(str(record)).take(20):
+        starts.append(starts[-1] + len(r.numpy()) + 16)
+    damaged = max(i for i, start in enumerate(starts) if start <= 5000)
     payload = bytearray(record.read_bytes())
     payload[5000:5064] = bytes(64)  # inside one of the first few records
     record.write_bytes(bytes(payload))
     code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}")
     assert code == 4, stderr[-3000:]
     assert_one_line_error(stderr, last, "CorruptInputError")
-    assert "corrupt record" in last
+    # The file, the record and its offset, and TensorFlow's own message.
+    assert "corrupt record" in last and str(record) in last, last
+    assert f"record {damaged} (byte offset {starts[damaged]})" in last, last
+    assert f"corrupted record at {starts[damaged]}" in last, last
+    assert "Graph execution error" not in last
+
+
+def test_label_out_of_range_names_record_split_and_valid_range(tmp_path):
+    def relabel(example):
+        example.features.feature["label"].int64_list.value[0] = 15  # CIFAR-10: 0..9
+
+    data, record = sample_copy(tmp_path)
+    rewrite_record(record, 5, relabel)
+    code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={tmp_path / 'm'}")
+    assert code == 4, stderr[-3000:]
+    assert_one_line_error(stderr, last, "CorruptInputError")
+    assert f"record 5 of {record} " in last, last
+    assert "split 'train[:128]' of cifar10_jpeg" in last and "label 15" in last and "[0, 9]" in last, last
+
+
+def test_missing_record_file_is_named_before_training(tmp_path):
+    data, record = sample_copy(tmp_path)
+    record.unlink()
+    model_dir = tmp_path / "m"
+    code, last, stderr = run_main(*TINY, f"--data_dir={data}", f"--model_dir={model_dir}")
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "MissingDataFileError")
+    assert str(record) in last and "prepare it again" in last, last
+    assert not model_dir.exists()  # found while building the pipeline, not mid-epoch
 
 
 def test_malformed_binding_is_named(tmp_path):

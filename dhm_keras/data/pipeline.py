@@ -3,7 +3,8 @@
 What it builds, in order. CIFAR path (`augmentation="pad_crop_flip"`, the
 default, and evaluation without `eval_resize`):
 
-    TFDS records -> decode (TFDS) -> (uint8 image, int32 label) -> [take]
+    TFDS records -> decode (TFDS) -> (uint8 image, int32 label, label
+    checked to lie in [0, C-1]: see `input_errors.checked_label`) -> [take]
     -> [label corruption, keyed by the example's position in the split]
     -> [resize] -> [cache decoded uint8 in memory]
     -> training only: shuffle (seeded, reshuffled every epoch)
@@ -15,7 +16,7 @@ ImageNet path (training with `augmentation="random_resized_crop"`, or
 evaluation with `eval_resize`; the ops live in `imagenet.py`):
 
     TFDS records, image NOT decoded (`SkipDecoding`) -> (JPEG/PNG bytes,
-    int32 label) -> [take] -> [label corruption] -> [cache the ENCODED bytes]
+    int32 label, checked) -> [take] -> [label corruption] -> [cache the ENCODED bytes]
     -> training: shuffle -> zip with a per-element random key
                  -> draw an Inception crop box from the JPEG header's shape,
                     decode only that window, resize to image_size, random flip
@@ -63,6 +64,11 @@ Design choices, and why:
 * Never downloads: the builder is only asked to read (`as_dataset`, what
   `tfds.load(..., download=False)` does), and a missing dataset is a clear
   `DatasetNotFoundError` naming the dataset and the directory searched.
+* Damaged data stops the run with one line naming the file and record
+  (`input_errors`): every label is range-checked as it leaves its record
+  (one comparison per example), and the split's record files are looked
+  for when the pipeline is built, so a missing shard is reported before
+  training instead of in the middle of an epoch.
 * Determinism also needs the same global TF seed (`keras.utils.
   set_random_seed`), because tf.data combines it with the op seeds. The
   per-epoch re-randomisation counts iterations of this dataset object, so a
@@ -79,6 +85,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dhm_keras.data import imagenet as imagenet_lib
+from dhm_keras.data import input_errors
 from dhm_keras.data import stats as stats_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -208,6 +215,33 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
     )
 
 
+def _split_shards(builder: tfds.core.DatasetBuilder, split: str) -> Tuple[Tuple[str, int, int], ...]:
+    """`(record file, first record, number of records)` that `split` (slicing
+    included) reads, in file order; () when the metadata lists no files (e.g.
+    under `tfds.testing.mock_data`)."""
+    try:
+        instructions = builder.info.splits[split].file_instructions
+    except (KeyError, TypeError, ValueError):
+        return ()
+    return tuple((os.fspath(i.filename), int(i.skip), int(i.take)) for i in instructions)
+
+
+def _encoded_images(builder: tfds.core.DatasetBuilder, split: str):
+    """The encoded images of `split` in file order, for locating one that does
+    not decode (`input_errors.locate_undecodable_image`)."""
+
+    def images() -> tf.data.Dataset:
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        return ds.map(lambda example: example["image"])
+
+    return images
+
+
 def _image_hw(image_size: Optional[ImageSize]) -> Optional[Tuple[int, int]]:
     if image_size is None:
         return None
@@ -335,6 +369,7 @@ def make_dataset(
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared under data_dir.
+      MissingDataFileError: a record file the split needs is missing.
       ValueError: unsupported features or missing statistics, an unknown
         `augmentation`, or a crop larger than `eval_resize`.
     """
@@ -372,14 +407,27 @@ def make_dataset(
     if drop_remainder is None:
         drop_remainder = training
 
+    description = f"split {split!r} of {name}"
+    shards = _split_shards(builder, split)
+    # Before training starts, not at the first read of the missing shard.
+    input_errors.require_files([path for path, _, _ in shards], description)
+
+    # The cache freezes the file order anyway; corruption needs it fixed.
+    shuffle_files = training and not cache and not label_noise
     read_config = tfds.ReadConfig(
         try_autocache=False,  # we cache ourselves, after decoding
         shuffle_seed=seed,
+        # A bad label's record: in a fixed-order read, its position in the
+        # split names it (enumerate + check: within the noise of reading a
+        # 32x32 record, ~80 us); only shuffled files need TFDS's
+        # "<file>__<index>" id, at ~55 us of CPU per example (measured on the
+        # quickstart records): that path (ImageNet, cache off) spends
+        # milliseconds per example decoding full-size JPEGs.
+        add_tfds_id=shuffle_files,
     )
     ds = builder.as_dataset(
         split=split,
-        # The cache freezes the file order anyway; corruption needs it fixed.
-        shuffle_files=training and not cache and not label_noise,
+        shuffle_files=shuffle_files,
         read_config=read_config,
         # ImageNet path: keep the bytes; imagenet.py decodes (only the crop).
         decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
@@ -389,14 +437,20 @@ def make_dataset(
     # should a builder hand out decoded pixels anyway, the imagenet.py ops
     # take those too.
     grayscale = shape[-1] == 1 and ds.element_spec["image"].dtype != tf.string
+    directory = os.fspath(builder.data_dir)
 
-    def to_pair(example):
+    def to_pair(position, example):
         image = example["image"]
         if grayscale:
             image = tf.image.grayscale_to_rgb(image)
-        return image, tf.cast(example["label"], tf.int32)
+        # Checked here, as read: before take/shuffle/cache/label noise, so
+        # that the record named is the record's, in every pipeline.
+        label = input_errors.checked_label(
+            example["label"], num_classes, example.get("tfds_id", position), description, directory
+        )
+        return image, label
 
-    ds = ds.map(to_pair, num_parallel_calls=AUTOTUNE)
+    ds = ds.enumerate().map(to_pair, num_parallel_calls=AUTOTUNE)
     if take is not None:
         ds = ds.take(take)
     if label_noise:
@@ -446,5 +500,9 @@ def make_dataset(
     options = tf.data.Options()
     if seed is not None:
         options.deterministic = True
-    ds = ds.with_options(options)
-    return ds.prefetch(AUTOTUNE)
+    ds = ds.with_options(options).prefetch(AUTOTUNE)
+    if shards:
+        input_errors.remember(
+            input_errors.Source(description, shards, images=_encoded_images(builder, split)), ds
+        )
+    return ds

@@ -66,7 +66,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from dhm_keras.data import pipeline
+from dhm_keras.data import input_errors, pipeline
 from dhm_keras.data import stats as stats_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -379,5 +379,16 @@ def make_reid_dataset(
 
     options = tf.data.Options()
     options.deterministic = seed is not None or not training
-    ds = ds.with_options(options)
-    return ds.prefetch(AUTOTUNE)
+    ds = ds.with_options(options).prefetch(AUTOTUNE)
+    # So that an image that does not decode is named (input_errors).
+    files = tuple(r.path for r in records)
+    input_errors.remember(
+        input_errors.Source(
+            f"split {split!r} of {name}",
+            tuple((path, 0, 1) for path in files),
+            images=lambda: tf.data.Dataset.from_tensor_slices(list(files)).map(tf.io.read_file),
+            image_files=True,
+        ),
+        ds,
+    )
+    return ds

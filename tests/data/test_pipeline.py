@@ -4,7 +4,9 @@ Three data sources, none downloaded:
 * `tfds.testing.mock_data` (fake cifar100 from the feature spec): shapes,
   dtypes, ranges, batching.
 * the committed `quickstart_data/` (first 5,000/1,000 real CIFAR-10 JPEGs):
-  determinism, augmentation correctness, slicing. Small, so fast.
+  determinism, augmentation correctness, slicing. Small, so fast. Copies
+  with one record rewritten (bad label, truncated JPEG) or a record file
+  deleted: the errors name the file and record.
 * the full prepared `cifar10_jpeg` in `<repo>/../shared/tensorflow_datasets`
   (where CI's fresh clone finds it): exact normalisation against a NumPy
   reference, and that the quickstart sample is a byte-exact prefix of it.
@@ -28,6 +30,8 @@ from dhm_keras.data import (
     normalize,
     normalize_reference_np,
 )
+from dhm_keras.data.input_errors import input_errors_are_clear
+from dhm_keras.errors import CorruptInputError, MissingDataFileError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO_ROOT / "quickstart_data"
@@ -227,6 +231,98 @@ def test_missing_dataset_error_names_dataset_dir_and_flag(tmp_path):
     assert isinstance(err.value, ValueError)
     with pytest.raises(DatasetNotFoundError):
         dataset_info(NAME, str(tmp_path))
+
+
+# --------------------------------------------------------------- damaged data
+
+
+def _damaged_copy(tmp_path, split, index=None, edit=None):
+    """A copy of the quickstart sample whose `split` record file has example
+    `index` rewritten by `edit(tf.train.Example)` (checksums stay valid)."""
+    import shutil
+
+    shutil.copytree(QUICKSTART, tmp_path / "data")
+    (record,) = (tmp_path / "data" / NAME / "1.0.0").glob(f"{NAME}-{split}.tfrecord-*")
+    if edit is not None:
+        records = [r.numpy() for r in tf.data.TFRecordDataset(str(record))]
+        example = tf.train.Example.FromString(records[index])
+        edit(example)
+        records[index] = example.SerializeToString()
+        with tf.io.TFRecordWriter(str(record)) as writer:
+            for r in records:
+                writer.write(r)
+    return tmp_path / "data", record
+
+
+def _read_all(data_dir, split, **kw):
+    """Reads a pipeline to the end the way Keras does (in a tf.function, so
+    errors come as "Graph execution error"), under the trainer's error handler."""
+    ds = make_dataset(NAME, split, data_dir=str(data_dir), global_batch_size=32, **kw)
+    step = tf.function(lambda iterator: next(iterator))
+    with input_errors_are_clear("test"):
+        iterator = iter(ds)
+        for _ in range(len(ds)):
+            step(iterator)
+
+
+def test_evaluation_label_out_of_range_names_record_and_valid_range(tmp_path):
+    def relabel(example):
+        example.features.feature["label"].int64_list.value[0] = -1
+
+    data, record = _damaged_copy(tmp_path, "test", 3, relabel)
+    with pytest.raises(CorruptInputError) as err:
+        _read_all(data, "test[:64]", training=False)
+    message = str(err.value)
+    assert f"record 3 of {record} (split 'test[:64]' of {NAME})" in message, message
+    assert "label -1" in message and "[0, 9]" in message
+    # A slice that starts later still names the record, not its position in the slice.
+    with pytest.raises(CorruptInputError, match=f"record 3 of {record} "):
+        _read_all(data, "test[2:64]", training=False)
+
+
+@pytest.mark.parametrize("augmentation", ["pad_crop_flip", "random_resized_crop"])
+def test_undecodable_image_names_record_and_decoder_message(tmp_path, augmentation):
+    def truncate(example):
+        image = example.features.feature["image"].bytes_list.value
+        image[0] = image[0][:200]
+
+    data, record = _damaged_copy(tmp_path, "train", 7, truncate)
+    with pytest.raises(CorruptInputError) as err:
+        _read_all(data, "train[:64]", training=True, seed=0, image_size=32, augmentation=augmentation)
+    message = str(err.value)
+    assert f"record 7 of {record} (split 'train[:64]' of {NAME}) does not decode" in message, message
+    assert "JPEG data" in message  # the decoder's own words
+    assert "Graph execution error" not in message and "\n" not in message
+
+
+def test_reid_image_that_does_not_decode_is_named(tmp_path):
+    from dhm_keras.data.reid import make_reid_dataset
+
+    jpeg = tf.io.encode_jpeg(np.full((16, 8, 3), 128, np.uint8)).numpy()
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "market1501" / folder).mkdir(parents=True)
+        for person in (1, 2, 3):
+            (tmp_path / "market1501" / folder / f"000{person}_c1s1_000001_01.jpg").write_bytes(jpeg)
+    broken = tmp_path / "market1501" / "bounding_box_train" / "0002_c1s1_000001_01.jpg"
+    broken.write_bytes(jpeg[:100])
+    ds = make_reid_dataset("market1501", "train", data_dir=str(tmp_path), global_batch_size=2,
+                           training=False, image_size=(16, 8))
+    with pytest.raises(CorruptInputError) as err:
+        with input_errors_are_clear("test"):
+            list(ds)
+    assert f"{broken} (split 'train' of market1501) does not decode" in str(err.value), str(err.value)
+
+
+def test_record_file_missing_before_or_during_reading_is_named(tmp_path):
+    data, record = _damaged_copy(tmp_path, "train")
+    ds = make_dataset(NAME, "train[:64]", data_dir=str(data), global_batch_size=32,
+                      training=True, cache=False, seed=0)
+    record.unlink()
+    with pytest.raises(MissingDataFileError, match=f"{record} of the test data is missing"):
+        with input_errors_are_clear("test"):
+            list(ds)
+    with pytest.raises(MissingDataFileError, match=f"{record} of split 'train\\[:64\\]'.*prepare it again"):
+        make_dataset(NAME, "train[:64]", data_dir=str(data), global_batch_size=32, training=False)
 
 
 # --------------------------------------------------------------- full dataset
