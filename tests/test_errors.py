@@ -272,3 +272,21 @@ def test_unrelated_hdf5_file_is_a_checkpoint_error_not_a_class_count_error(tmp_p
     assert code == 2, stderr[-3000:]
     assert_one_line_error(stderr, last, "CheckpointError")
     assert str(foreign) in last and "embeddings" in last and "labels" in last, last
+
+
+def test_nonfinite_validation_stops_the_run_and_no_epoch_counts_as_good(tmp_path):
+    # At learning rate 1e4 epoch 1 ends with a finite training loss (~1e8) but a
+    # NaN validation loss: the weights are broken although no step's loss was NaN.
+    code, last, stderr = run_main(*TINY, "--gin_param=build_sgd.learning_rate = 1e4", f"--model_dir={tmp_path}")
+    assert code == 3, stderr[-3000:]
+    assert_one_line_error(stderr, last, "NonFiniteLossError")
+    assert "validation loss" in last and "epoch 1" in last, last
+    assert "Last good checkpoint: none" in last, last
+    # The retry needs another learning rate, which this model_dir refuses: the
+    # message says to start over and names a new directory.
+    assert f"--model_dir={tmp_path}_retry" in last, last
+    # The broken epoch was neither saved nor recorded (so it can be no "best").
+    checkpoints = tmp_path / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "export").exists()
