@@ -5,7 +5,9 @@ every epoch (written atomically, so a kill never leaves half a file) and, on a
 resumed run, keeps the epochs already recorded: each epoch appears once.
 
 `BackupAndRestore` writes its backup after every other callback has recorded
-the epoch, so a kill can repeat an epoch but never skip one.
+the epoch, so a kill can repeat an epoch but never skip one, and resumes from
+whatever is readable: the backup, its previous copy, or the newest good epoch
+checkpoint.
 
 `NonFiniteLossGuard` stops training at the first NaN/inf training loss, or
 at the end of an epoch whose validation loss is not finite, by raising,
@@ -19,13 +21,16 @@ An epoch whose recorded numbers are not all finite is never "best" and never
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import List, Optional
 
 import keras
+from absl import logging
 
-from dhm_keras.errors import NonFiniteLossError, UserError
+from dhm_keras import checkpoints
+from dhm_keras.errors import CheckpointError, NonFiniteLossError, UserError
 from dhm_keras.model_dir import (
     CHECKPOINT_DIR,
     RESULTS_FILE,
@@ -146,24 +151,143 @@ class ResultsWriter(keras.callbacks.Callback):
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore, saving at the END of the epoch-end callbacks.
+    """Keras' BackupAndRestore, saving last, atomically, and resuming from what is readable.
 
-    It must come first in the callback list, so that its restore (at train
-    begin) precedes everything; but Keras would then also save the backup
-    first at each epoch end. A kill between that save and ResultsWriter's
-    record of the epoch made the resumed run skip the epoch without ever
-    recording it, so results.json never reached "completed", the finished
-    run's backup was deleted and the next re-run trained from scratch. Put
-    `save_point()` last in the list: the backup is then written only after
-    the checkpoint and results.json hold the epoch, and a kill in between just
-    repeats that epoch.
+    Saving last: it must come first in the callback list, so that its
+    restore (at train begin) precedes everything; but Keras would then also
+    save the backup first at each epoch end. A kill between that save and
+    ResultsWriter's record of the epoch made the resumed run skip the epoch
+    without ever recording it, so results.json never reached "completed",
+    the finished run's backup was deleted and the next re-run trained from
+    scratch. Put `save_point()` last in the list: the backup is then written
+    only after the checkpoint and results.json hold the epoch, and a kill in
+    between just repeats that epoch.
+
+    Saving atomically: Keras writes ``latest.weights.h5`` and
+    ``training_metadata.json`` in place, so a kill or a full disk during a
+    save left them truncated; after epoch 1 there is no other copy, and the
+    re-run stopped with an `OSError` naming neither the file nor a fix. Here
+    both are written under temporary names and renamed (`checkpoints.save`'s
+    way), the previous pair is renamed to ``*.bkp`` (double_checkpoint), and
+    the weights file records its own epoch, so a kill between the renames of
+    the two files cannot pair weights with another epoch's number.
+
+    Resuming: from the newest readable of the backup, its previous copy and
+    the epoch checkpoints that results.json records as `sound`, with one
+    logged line naming what was unreadable and what was used. If nothing is
+    readable, a `CheckpointError` names the files and the ways out.
     """
+
+    def __init__(self, backup_dir: str, model_dir: Optional[str] = None, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.model_dir = model_dir
 
     def on_epoch_end(self, epoch, logs=None):
         pass  # see save_point()
 
     def save_point(self) -> keras.callbacks.Callback:
         return _BackupSavePoint(self)
+
+    def _save_model(self):
+        data = checkpoints.weights_bytes(self.model, epoch=self._current_epoch)
+        os.makedirs(self.backup_dir, exist_ok=True)
+        if self.double_checkpoint:
+            for current, previous in (
+                (self._weights_path, self._prev_weights_path),
+                (self._training_metadata_path, self._prev_training_metadata_path),
+            ):
+                if os.path.exists(current):
+                    os.replace(current, previous)
+        checkpoints.write(self._weights_path, data)
+        # Keras' own record, kept so that this backup stays readable by Keras'
+        # BackupAndRestore; `_restore_copy` prefers the epoch in the weights.
+        write_json_atomically(
+            self._training_metadata_path,
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
+        )
+
+    def on_train_begin(self, logs=None):
+        if not self.model.built:
+            raise ValueError(f"BackupAndRestore needs a built model; {self.model} is not built")
+        copies = [
+            (self._weights_path, self._training_metadata_path),
+            (self._prev_weights_path, self._prev_training_metadata_path),
+        ]
+        if not any(os.path.exists(p) for pair in copies for p in pair):
+            return  # nothing backed up: a fresh start
+        unreadable = []
+        for weights, metadata in copies:
+            if not os.path.exists(weights):
+                if os.path.exists(metadata):
+                    unreadable.append(f"{weights} is missing")
+                continue
+            try:
+                epoch = self._restore_copy(weights, metadata)
+            except _Unreadable as e:
+                unreadable.append(str(e))
+                continue
+            self._resumed(weights, epoch, unreadable)
+            return
+        for epoch, path in good_checkpoints(self.model_dir) if self.model_dir else []:
+            try:
+                _load(self.model, path)
+            except _Unreadable as e:
+                unreadable.append(str(e))
+                continue
+            self.model._initial_epoch = epoch  # pylint: disable=protected-access
+            self._resumed(path, epoch, unreadable)
+            return
+        model_dir = self.model_dir or os.path.dirname(os.path.abspath(self.backup_dir))
+        raise CheckpointError(
+            f"cannot resume: no saved state is readable ({'; '.join(unreadable)}"
+            f"{'' if self.model_dir else '; epoch checkpoints not searched'}). Move "
+            f"{self.backup_dir} aside to train {model_dir} again from epoch 1 (results.json's "
+            "epochs are replaced as they are re-run), or start over with a new --model_dir"
+        )
+
+    def _restore_copy(self, weights: str, metadata: str) -> int:
+        """Loads one backup copy into the model and returns its finished epochs."""
+        try:
+            epoch = checkpoints.saved_epoch(weights)
+        except checkpoints.HDF5_ERRORS as e:
+            raise _Unreadable(weights, e) from e
+        if epoch is None:  # written by Keras' BackupAndRestore: the epoch is in the JSON
+            try:
+                with open(metadata) as f:
+                    epoch = int(json.load(f)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise _Unreadable(metadata, e) from e
+        _load(self.model, weights)
+        self.model._initial_epoch = epoch  # pylint: disable=protected-access
+        return epoch
+
+    def _resumed(self, path: str, epoch: int, unreadable: List[str]) -> None:
+        if unreadable:
+            logging.warning(
+                "%s; resuming from %s instead (after epoch %d)", "; ".join(unreadable), path, epoch
+            )
+        else:
+            logging.info("resuming from %s (after epoch %d)", path, epoch)
+
+
+class _Unreadable(Exception):
+    """A saved state that cannot be resumed from: '<file> cannot be read (<why>)'."""
+
+    def __init__(self, path: str, error: BaseException):
+        # A CheckpointError's cause is HDF5's own words (what was found);
+        # its message adds advice meant for --checkpoint.
+        super().__init__(f"{path} cannot be read ({_one_line(error.__cause__ or error)})")
+
+
+def _load(model: keras.Model, path: str) -> None:
+    try:
+        checkpoints.load(model, path)
+    except (UserError, OSError) as e:
+        raise _Unreadable(path, e) from e
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 class _BackupSavePoint(keras.callbacks.Callback):

@@ -92,14 +92,15 @@ def write_atomically(path: str, data) -> None:
 
 
 def save(model: keras.Model, path: str, epoch: Optional[int] = None) -> None:
-    """Saves `model`'s weights (and optimizer state) to `path`, atomically.
+    """Saves `model`'s weights (and optimizer state) to `path`, atomically (see `write`)."""
+    write(path, weights_bytes(model, epoch))
 
-    An `OSError` names the file and says that nothing was lost, so the user
-    knows that a re-run after freeing space resumes.
-    """
-    data = weights_bytes(model, epoch)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+def write(path: str, data) -> None:
+    """`write_atomically`, creating the folder; an `OSError` names the file and
+    says that nothing was lost, so the user knows a re-run after freeing space resumes."""
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_atomically(path, data)
     except OSError as e:
         raise OSError(

@@ -303,6 +303,7 @@ def train(model_dir: str, data_dir: Optional[str] = None, evaluate: bool = True)
     # worker backs up to a private copy, never into model_dir.
     backup = dhm_callbacks.BackupAndRestore(
         distribute.worker_backup_dir(os.path.join(model_dir, "backup"), exp.strategy),
+        model_dir=model_dir,  # an unreadable backup falls back to its epoch checkpoints
         double_checkpoint=True,
     )
     callbacks = [
