@@ -5,24 +5,39 @@ every epoch (written atomically, so a kill never leaves half a file) and, on a
 resumed run, keeps the epochs already recorded: each epoch appears once.
 
 `BackupAndRestore` writes its backup after every other callback has recorded
-the epoch, so a kill can repeat an epoch but never skip one.
+the epoch, so a kill can repeat an epoch but never skip one, and resumes from
+whatever is readable: the backup, its previous copy, or the newest good epoch
+checkpoint.
 
-`NonFiniteLossGuard` stops training at the first NaN/inf loss by raising,
+`NonFiniteLossGuard` stops training at the first NaN/inf training loss, or
+at the end of an epoch whose validation loss is not finite, by raising,
 which (unlike Keras' `TerminateOnNaN`, which lets the epoch end) keeps the
 epoch-end callbacks from saving the broken weights over the last good
 checkpoint and backup.
+
+An epoch whose recorded numbers are not all finite is never "best" and never
+"good" (`sound`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Optional
+from typing import List, Optional
 
 import keras
+from absl import logging
 
-from dhm_keras.errors import NonFiniteLossError
-from dhm_keras.model_dir import RESULTS_FILE, epoch_checkpoints, read_json, write_json_atomically
+from dhm_keras import checkpoints
+from dhm_keras.errors import CheckpointError, NonFiniteLossError, UserError
+from dhm_keras.model_dir import (
+    CHECKPOINT_DIR,
+    RESULTS_FILE,
+    epoch_checkpoints,
+    read_json,
+    write_json_atomically,
+)
 
 # Re-identification runs are scored by retrieval (RetrievalEvaluator's logs).
 RETRIEVAL_METRICS = ("rank1", "rank5", "rank10", "mAP")
@@ -45,12 +60,44 @@ def score(entry: dict) -> float:
     return entry.get("top1/b0", entry.get("rank1", float("-inf")))
 
 
+def sound(entry: dict) -> bool:
+    """Whether a results.json epoch has only finite numbers (training and evaluation).
+
+    A NaN validation loss means broken weights even while top-1 still reads
+    0.156 (argmax of NaN logits is class 0) and the training loss is a finite
+    3e22, so no single metric will do: one non-finite number disqualifies the
+    epoch as best or as a good epoch to go back to.
+    """
+    values = [*entry.get("train", {}).values(), *entry.get("eval", {}).values()]
+    return all(math.isfinite(float(v)) for v in values)
+
+
+def good_checkpoints(model_dir: str) -> List[tuple]:
+    """[(epoch, path)] of the epoch checkpoints in `model_dir` whose epoch results.json
+    records with finite numbers, newest first.
+
+    A checkpoint results.json does not record is left out: resuming from it
+    would skip recording that epoch, and the run could never complete.
+    """
+    results_path = os.path.join(model_dir, RESULTS_FILE)
+    if not os.path.exists(results_path):
+        return []
+    try:
+        history = read_json(results_path).get("history", [])
+    except (OSError, UserError):
+        return []
+    good = {int(e["epoch"]) for e in history if sound(e)}
+    saved = epoch_checkpoints(os.path.join(model_dir, CHECKPOINT_DIR))
+    return [(epoch, saved[epoch]) for epoch in sorted(saved, reverse=True) if epoch in good]
+
+
 class ResultsWriter(keras.callbacks.Callback):
     """Writes per-epoch accuracies plus best and last epoch to results.json.
 
     "Best" is the epoch with the highest validation top-1 of the main head b0
-    (rank-1 for re-identification; train top-1 when there is no validation);
-    epochs are numbered from 1.
+    (rank-1 for re-identification; train top-1 when there is no validation)
+    among the `sound` epochs; with none, there is no "best". Epochs are
+    numbered from 1.
     """
 
     def __init__(self, model_dir: str, total_epochs: int, config: Optional[dict] = None):
@@ -93,33 +140,154 @@ class ResultsWriter(keras.callbacks.Callback):
             evaluated = [e for e in history if e["eval"]]
             split = "eval" if evaluated else "train"
             scored = evaluated or history
-            best = max(scored, key=lambda e: score(e[split]))
             payload["split"] = split
-            payload["best"] = {"epoch": best["epoch"], **head_accuracies(best[split])}
+            candidates = [e for e in scored if sound(e)]
+            if candidates:
+                best = max(candidates, key=lambda e: score(e[split]))
+                payload["best"] = {"epoch": best["epoch"], **head_accuracies(best[split])}
             payload["last"] = {"epoch": scored[-1]["epoch"], **head_accuracies(scored[-1][split])}
         write_json_atomically(self.path, payload)
         return payload
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore, saving at the END of the epoch-end callbacks.
+    """Keras' BackupAndRestore, saving last, atomically, and resuming from what is readable.
 
-    It must come first in the callback list, so that its restore (at train
-    begin) precedes everything; but Keras would then also save the backup
-    first at each epoch end. A kill between that save and ResultsWriter's
-    record of the epoch made the resumed run skip the epoch without ever
-    recording it, so results.json never reached "completed", the finished
-    run's backup was deleted and the next re-run trained from scratch. Put
-    `save_point()` last in the list: the backup is then written only after
-    the checkpoint and results.json hold the epoch, and a kill in between just
-    repeats that epoch.
+    Saving last: it must come first in the callback list, so that its
+    restore (at train begin) precedes everything; but Keras would then also
+    save the backup first at each epoch end. A kill between that save and
+    ResultsWriter's record of the epoch made the resumed run skip the epoch
+    without ever recording it, so results.json never reached "completed",
+    the finished run's backup was deleted and the next re-run trained from
+    scratch. Put `save_point()` last in the list: the backup is then written
+    only after the checkpoint and results.json hold the epoch, and a kill in
+    between just repeats that epoch.
+
+    Saving atomically: Keras writes ``latest.weights.h5`` and
+    ``training_metadata.json`` in place, so a kill or a full disk during a
+    save left them truncated; after epoch 1 there is no other copy, and the
+    re-run stopped with an `OSError` naming neither the file nor a fix. Here
+    both are written under temporary names and renamed (`checkpoints.save`'s
+    way), the previous pair is renamed to ``*.bkp`` (double_checkpoint), and
+    the weights file records its own epoch, so a kill between the renames of
+    the two files cannot pair weights with another epoch's number.
+
+    Resuming: from the newest readable of the backup, its previous copy and
+    the epoch checkpoints that results.json records as `sound`, with one
+    logged line naming what was unreadable and what was used. If nothing is
+    readable, a `CheckpointError` names the files and the ways out.
     """
+
+    def __init__(self, backup_dir: str, model_dir: Optional[str] = None, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.model_dir = model_dir
 
     def on_epoch_end(self, epoch, logs=None):
         pass  # see save_point()
 
     def save_point(self) -> keras.callbacks.Callback:
         return _BackupSavePoint(self)
+
+    def _save_model(self):
+        data = checkpoints.weights_bytes(self.model, epoch=self._current_epoch)
+        os.makedirs(self.backup_dir, exist_ok=True)
+        if self.double_checkpoint:
+            for current, previous in (
+                (self._weights_path, self._prev_weights_path),
+                (self._training_metadata_path, self._prev_training_metadata_path),
+            ):
+                if os.path.exists(current):
+                    os.replace(current, previous)
+        checkpoints.write(self._weights_path, data)
+        # Keras' own record, kept so that this backup stays readable by Keras'
+        # BackupAndRestore; `_restore_copy` prefers the epoch in the weights.
+        write_json_atomically(
+            self._training_metadata_path,
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
+        )
+
+    def on_train_begin(self, logs=None):
+        if not self.model.built:
+            raise ValueError(f"BackupAndRestore needs a built model; {self.model} is not built")
+        copies = [
+            (self._weights_path, self._training_metadata_path),
+            (self._prev_weights_path, self._prev_training_metadata_path),
+        ]
+        if not any(os.path.exists(p) for pair in copies for p in pair):
+            return  # nothing backed up: a fresh start
+        unreadable = []
+        for weights, metadata in copies:
+            if not os.path.exists(weights):
+                if os.path.exists(metadata):
+                    unreadable.append(f"{weights} is missing")
+                continue
+            try:
+                epoch = self._restore_copy(weights, metadata)
+            except _Unreadable as e:
+                unreadable.append(str(e))
+                continue
+            self._resumed(weights, epoch, unreadable)
+            return
+        for epoch, path in good_checkpoints(self.model_dir) if self.model_dir else []:
+            try:
+                _load(self.model, path)
+            except _Unreadable as e:
+                unreadable.append(str(e))
+                continue
+            self.model._initial_epoch = epoch  # pylint: disable=protected-access
+            self._resumed(path, epoch, unreadable)
+            return
+        model_dir = self.model_dir or os.path.dirname(os.path.abspath(self.backup_dir))
+        raise CheckpointError(
+            f"cannot resume: no saved state is readable ({'; '.join(unreadable)}"
+            f"{'' if self.model_dir else '; epoch checkpoints not searched'}). Move "
+            f"{self.backup_dir} aside to train {model_dir} again from epoch 1 (results.json's "
+            "epochs are replaced as they are re-run), or start over with a new --model_dir"
+        )
+
+    def _restore_copy(self, weights: str, metadata: str) -> int:
+        """Loads one backup copy into the model and returns its finished epochs."""
+        try:
+            epoch = checkpoints.saved_epoch(weights)
+        except checkpoints.HDF5_ERRORS as e:
+            raise _Unreadable(weights, e) from e
+        if epoch is None:  # written by Keras' BackupAndRestore: the epoch is in the JSON
+            try:
+                with open(metadata) as f:
+                    epoch = int(json.load(f)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise _Unreadable(metadata, e) from e
+        _load(self.model, weights)
+        self.model._initial_epoch = epoch  # pylint: disable=protected-access
+        return epoch
+
+    def _resumed(self, path: str, epoch: int, unreadable: List[str]) -> None:
+        if unreadable:
+            logging.warning(
+                "%s; resuming from %s instead (after epoch %d)", "; ".join(unreadable), path, epoch
+            )
+        else:
+            logging.info("resuming from %s (after epoch %d)", path, epoch)
+
+
+class _Unreadable(Exception):
+    """A saved state that cannot be resumed from: '<file> cannot be read (<why>)'."""
+
+    def __init__(self, path: str, error: BaseException):
+        # A CheckpointError's cause is HDF5's own words (what was found);
+        # its message adds advice meant for --checkpoint.
+        super().__init__(f"{path} cannot be read ({_one_line(error.__cause__ or error)})")
+
+
+def _load(model: keras.Model, path: str) -> None:
+    try:
+        checkpoints.load(model, path)
+    except (UserError, OSError) as e:
+        raise _Unreadable(path, e) from e
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 class _BackupSavePoint(keras.callbacks.Callback):
@@ -154,13 +322,20 @@ class CheckpointRetention(keras.callbacks.Callback):
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):
-    """Raises `NonFiniteLossError` naming the step where the loss stopped being finite.
+    """Raises `NonFiniteLossError` when the loss stops being finite, before anything saves it.
 
-    Keras reports the running mean of the epoch's loss after each batch; a
-    single non-finite step makes that mean non-finite, so checking it after
-    every batch finds the first bad step. The exception escapes `fit` before
-    `on_epoch_end`, so ModelCheckpoint and BackupAndRestore keep the state of
-    the last finished epoch.
+    Training: Keras reports the running mean of the epoch's loss after each
+    batch; a single non-finite step makes that mean non-finite, so checking it
+    after every batch finds the first bad step. Validation: at learning rate
+    1e4 the training loss can stay finite (3e22) while the weights already
+    give NaN logits, which only the validation loss shows, at the end of the
+    epoch. Either way the exception escapes `fit` before the later epoch-end
+    callbacks (this guard comes before them), so the epoch checkpoint,
+    results.json and the backup keep the last finished epoch.
+
+    The message names the last good checkpoint (the newest one results.json
+    records with finite numbers) and, since a model_dir refuses a changed
+    configuration, a new model_dir for the retry with other settings.
     """
 
     def __init__(self, checkpoint_dir: Optional[str] = None):
@@ -176,11 +351,30 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
         if loss is None or math.isfinite(float(loss)):
             return
         step = int(self.model.optimizer.iterations.numpy())
-        saved = epoch_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else {}
-        last_good = saved[max(saved)] if saved else "none yet (it failed in the first epoch)"
         raise NonFiniteLossError(
             f"training loss became {float(loss)} at step {step} (epoch {self.epoch + 1}, "
-            f"batch {batch + 1}); stopped without saving this epoch. Last good checkpoint: "
-            f"{last_good}. Lower the learning rate or add warm-up "
-            "(build_sgd.warmup_epochs), then re-run: training resumes from the last finished epoch."
+            f"batch {batch + 1}); stopped without saving this epoch. {self.advice()}"
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        raise NonFiniteLossError(
+            f"validation loss was {float(loss)} after epoch {epoch + 1} (training loss "
+            f"{float((logs or {}).get('loss', math.nan)):.3g}): the weights are broken; stopped "
+            f"without saving this epoch. {self.advice()}"
+        )
+
+    def advice(self) -> str:
+        if not self.checkpoint_dir:
+            return "Lower the learning rate or add warm-up (build_sgd.warmup_epochs)."
+        model_dir = os.path.dirname(os.path.normpath(self.checkpoint_dir))
+        good = good_checkpoints(model_dir)
+        last_good = f"{good[0][1]} (epoch {good[0][0]})" if good else "none (no epoch finished with finite numbers)"
+        return (
+            f"Last good checkpoint: {last_good}. Lower the learning rate or add warm-up "
+            "(build_sgd.warmup_epochs) and start over in a new model directory, e.g. "
+            f"--model_dir={model_dir}_retry: this one refuses a changed configuration (re-running "
+            "the same command resumes from the last finished epoch with the same settings)."
         )

@@ -33,6 +33,7 @@ import tensorflow as tf
 from absl import logging
 
 from dhm_keras import callbacks as dhm_callbacks
+from dhm_keras import checkpoints as dhm_checkpoints
 from dhm_keras import config as cfg
 from dhm_keras import data as data_lib
 from dhm_keras import errors
@@ -371,6 +372,7 @@ def _train(exp: Experiment, model_dir: str, data_dir: Optional[str], evaluate: b
     # worker backs up to a private copy, never into model_dir.
     backup = dhm_callbacks.BackupAndRestore(
         distribute.worker_backup_dir(os.path.join(model_dir, "backup"), exp.strategy),
+        model_dir=model_dir,  # an unreadable backup falls back to its epoch checkpoints
         double_checkpoint=True,
     )
     callbacks = [
@@ -385,10 +387,7 @@ def _train(exp: Experiment, model_dir: str, data_dir: Optional[str], evaluate: b
         )
     if chief:
         callbacks += [
-            keras.callbacks.ModelCheckpoint(
-                os.path.join(model_dir, "checkpoints", "epoch_{epoch:03d}.weights.h5"),
-                save_weights_only=True,
-            ),
+            dhm_checkpoints.EpochCheckpoint(os.path.join(model_dir, "checkpoints")),
             keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
             dhm_callbacks.ResultsWriter(model_dir, train_cfg.epochs, exp.config),
         ]
@@ -515,48 +514,18 @@ def history_from_logs(log_dir: str) -> dict:
 
 
 def _restore(exp: Experiment, model_dir: str, checkpoint: Optional[str]) -> str:
-    checkpoint = checkpoint or model_dir_lib.latest_checkpoint(model_dir)
-    if not checkpoint or not os.path.exists(checkpoint):
-        raise FileNotFoundError(
-            f"no checkpoint to load: {checkpoint or os.path.join(model_dir, 'checkpoints')} "
-            "(train first, or pass --checkpoint=<file.weights.h5>)"
-        )
-    if os.path.isdir(checkpoint):
-        what = "an exported SavedModel" if is_saved_model(checkpoint) else "a directory"
-        raise errors.CheckpointError(
-            f"--checkpoint={checkpoint} is {what}; this needs a weights file such as "
-            f"{os.path.join(model_dir, 'checkpoints', 'epoch_001.weights.h5')} "
-            "(only --mode=eval also scores an export directory)"
-        )
-    if not h5py.is_hdf5(checkpoint):
-        raise errors.CheckpointError(
-            f"cannot load checkpoint {checkpoint}: not an HDF5 file; expected a "
-            ".weights.h5 file written by this trainer"
-        )
-    optimizer = exp.model.optimizer
-    if optimizer is not None and not optimizer.built:
-        # Checkpoints hold the optimizer's slots too; an unbuilt optimizer
-        # would skip them with a warning that reads like a failed load.
-        with exp.strategy.scope():
-            optimizer.build(exp.model.trainable_variables)
-    try:
-        exp.model.load_weights(checkpoint)
-    except OSError as e:  # h5py: truncated or unreadable file
-        raise errors.CheckpointError(
-            f"cannot read checkpoint {checkpoint} ({' '.join(str(e).split())[:200]}); a crash "
-            "while it was saved can truncate the newest one: pass an earlier epoch's file "
-            "with --checkpoint"
-        ) from e
-    except ValueError as e:
-        # Keras names the first variable that does not fit; add what most
-        # likely caused it. Only classifiers depend on the class count.
-        detail = " ".join(str(e).split())[:300]
-        raise errors.ClassCountError(
-            f"checkpoint {checkpoint} does not fit model {exp.config['model']['name']} "
-            f"({exp.config['model']['mode']}) with {exp.info.num_classes} classes of "
-            f"dataset {exp.info.name}: was it trained on another dataset or model? ({detail})"
-        ) from e
-    return checkpoint
+    """Loads `checkpoint` (default: the newest in model_dir); see `checkpoints.load` for the errors."""
+    model_cfg = exp.config["model"]
+    return dhm_checkpoints.load(
+        exp.model,
+        checkpoint or model_dir_lib.latest_checkpoint(model_dir),
+        strategy=exp.strategy,
+        expected=(
+            f"model {model_cfg['name']} ({model_cfg['mode']}) with {exp.info.num_classes} "
+            f"classes of dataset {exp.info.name}"
+        ),
+        model_dir=model_dir,
+    )
 
 
 def is_saved_model(path: Optional[str]) -> bool:

@@ -293,3 +293,87 @@ def test_train_split_smaller_than_one_batch_is_refused_before_anything_is_writte
     assert_one_line_error(stderr, last, "TrainSplitTooSmallError")
     assert "'train[:32]'" in last and "32 examples" in last and "train.batch_size = 64" in last
     assert not model_dir.exists()
+
+
+def test_full_disk_exits_2_without_a_partial_checkpoint(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    # `ulimit -f 2000`: no file may grow past 2,000 KiB. config.json, results.json and
+    # the TensorBoard events stay below; the first checkpoint (~60 MB) cannot. The
+    # full-size ResNet-32 matters: with its checkpoint, HDF5 writing straight to the
+    # file segfaulted while its half-written objects were garbage-collected.
+    args = [a for a in TINY if "model.overrides" not in a]
+    cli = shlex.join([sys.executable, "-m", "dhm_keras.main", *args, f"--model_dir={tmp_path}"])
+    result = subprocess.run(
+        ["bash", "-c", f"ulimit -f 2000; exec {cli}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert_one_line_error(result.stderr, lines[-1], "OSError")
+    assert "epoch_001.weights.h5" in lines[-1] and "re-run" in lines[-1], lines[-1]
+    # Nothing under a checkpoint's name (and no temporary file) is left half-written.
+    checkpoints = tmp_path / "checkpoints"
+    assert not checkpoints.exists() or sorted(p.name for p in checkpoints.iterdir()) == []
+
+
+def real_checkpoint(tmp_path):
+    """A checkpoint of the TINY configuration's model (weights and optimizer slots)."""
+    from dhm_keras import models
+    from dhm_keras.model import DHMModel
+
+    checkpoint = tmp_path / "epoch_001.weights.h5"
+    model = DHMModel(models.build("resnet32", 10, mode="dhm", input_shape=(32, 32, 3), blocks_per_stage=1), mode="dhm")
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(str(checkpoint))
+    keras.backend.clear_session()
+    return checkpoint
+
+
+def test_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+    checkpoint = real_checkpoint(tmp_path)
+    size = checkpoint.stat().st_size
+    with open(checkpoint, "r+b") as f:  # same size, one megabyte in the middle zeroed
+        f.seek(size // 2)
+        f.write(bytes(2**20))
+    assert checkpoint.stat().st_size == size
+    code, last, stderr = run_main(*TINY, "--mode=eval", f"--checkpoint={checkpoint}", f"--model_dir={tmp_path}")
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "CheckpointError")
+    assert str(checkpoint) in last and "damaged" in last, last
+
+
+def test_unrelated_hdf5_file_is_a_checkpoint_error_not_a_class_count_error(tmp_path):
+    import h5py
+    import numpy as np
+
+    foreign = tmp_path / "features.weights.h5"
+    with h5py.File(foreign, "w") as f:
+        f["embeddings"] = np.zeros((4, 8), "float32")
+        f.create_group("labels")
+    code, last, stderr = run_main(*TINY, "--mode=eval", f"--checkpoint={foreign}", f"--model_dir={tmp_path}")
+    assert code == 2, stderr[-3000:]
+    assert_one_line_error(stderr, last, "CheckpointError")
+    assert str(foreign) in last and "embeddings" in last and "labels" in last, last
+
+
+def test_nonfinite_validation_stops_the_run_and_no_epoch_counts_as_good(tmp_path):
+    # At learning rate 1e4 epoch 1 ends with a finite training loss (~1e8) but a
+    # NaN validation loss: the weights are broken although no step's loss was NaN.
+    code, last, stderr = run_main(*TINY, "--gin_param=build_sgd.learning_rate = 1e4", f"--model_dir={tmp_path}")
+    assert code == 3, stderr[-3000:]
+    assert_one_line_error(stderr, last, "NonFiniteLossError")
+    assert "validation loss" in last and "epoch 1" in last, last
+    assert "Last good checkpoint: none" in last, last
+    # The retry needs another learning rate, which this model_dir refuses: the
+    # message says to start over and names a new directory.
+    assert f"--model_dir={tmp_path}_retry" in last, last
+    # The broken epoch was neither saved nor recorded (so it can be no "best").
+    checkpoints = tmp_path / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "export").exists()

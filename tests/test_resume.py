@@ -1,12 +1,15 @@
 """A run killed mid-epoch resumes from its last finished epoch: none lost, none repeated."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
@@ -107,3 +110,101 @@ def test_backup_is_written_only_after_the_epoch_is_recorded(tmp_path, monkeypatc
     # train.keep_checkpoints = 1: the newest epoch's checkpoint and the best one's.
     kept = sorted(p.name for p in (model_dir / "checkpoints").iterdir())
     assert kept == sorted({f"epoch_{results['best']['epoch']:03d}.weights.h5", "epoch_003.weights.h5"})
+
+
+TINY = [
+    "dataset.train_split = 'train[:128]'", "dataset.eval_split = 'test[:64]'",
+    "train.batch_size = 64", "train.epochs = 2", "train.verbose = 0",
+    "model.overrides = {'blocks_per_stage': 1}",
+]
+
+
+class Interrupted(Exception):
+    """Stands in for a kill at the start of epoch 2."""
+
+
+def train_tiny(model_dir):
+    import gin
+
+    from dhm_keras import train_lib
+    from dhm_keras.main import parse_gin
+
+    gin.clear_config()
+    try:
+        parse_gin(["gin/quickstart.gin"], TINY)
+        return train_lib.train(str(model_dir))
+    finally:
+        gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def stopped_after_epoch_1(tmp_path_factory):
+    """A run stopped at the start of epoch 2: epoch 1's checkpoint, its results.json
+    entry and a single backup copy (the second copy appears only after epoch 2)."""
+    from dhm_keras.model import BernoulliBranchSampler
+
+    model_dir = tmp_path_factory.mktemp("stopped") / "run"
+    begin = BernoulliBranchSampler.on_epoch_begin
+
+    def stop_at_epoch_2(self, epoch, logs=None):
+        if epoch == 1:
+            raise Interrupted()
+        return begin(self, epoch, logs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BernoulliBranchSampler, "on_epoch_begin", stop_at_epoch_2)
+        with pytest.raises(Interrupted):
+            train_tiny(model_dir)
+    assert sorted(p.name for p in (model_dir / "backup").iterdir()) == [
+        "latest.weights.h5", "training_metadata.json"
+    ]
+    return model_dir
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damaged, keras_written",
+    [("latest.weights.h5", False), ("training_metadata.json", False), ("training_metadata.json", True)],
+)
+def test_truncated_backup_resumes_from_what_is_readable(stopped_after_epoch_1, tmp_path, caplog, damaged, keras_written):
+    """After epoch 1 the backup has no second copy: a truncated file must fall back to
+    epoch 1's checkpoint, with one logged line naming both files. The weights record
+    their epoch, so a truncated training_metadata.json matters only for a backup
+    written by Keras' own BackupAndRestore (no such record)."""
+    import h5py
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(stopped_after_epoch_1, model_dir)
+    if keras_written:
+        with h5py.File(model_dir / "backup" / "latest.weights.h5", "a") as f:
+            f.attrs.pop("epoch", None)  # what Keras' BackupAndRestore writes: no epoch inside
+    truncate(model_dir / "backup" / damaged)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        results = train_tiny(model_dir)
+    assert results["completed"] and [e["epoch"] for e in results["history"]] == [1, 2]
+    # Epoch 1 was not trained again: TensorBoard holds each epoch once.
+    assert epoch_steps(model_dir / "logs" / "train", "epoch_loss") == [0, 1]
+    restored = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(restored) == 1 and "after epoch 1" in restored[0], restored
+    fell_back = damaged == "latest.weights.h5" or keras_written
+    assert (str(model_dir / "backup" / damaged) in restored[0]) == fell_back, restored
+    used = model_dir / ("checkpoints/epoch_001.weights.h5" if fell_back else "backup/latest.weights.h5")
+    assert f"resuming from {used}" in restored[0], restored
+
+
+def test_unreadable_backup_and_checkpoints_name_the_files_and_the_fix(stopped_after_epoch_1, tmp_path):
+    from dhm_keras.errors import CheckpointError
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(stopped_after_epoch_1, model_dir)
+    truncate(model_dir / "backup" / "latest.weights.h5")
+    truncate(model_dir / "checkpoints" / "epoch_001.weights.h5")
+    with pytest.raises(CheckpointError) as error:
+        train_tiny(model_dir)
+    message = str(error.value)
+    assert str(model_dir / "backup" / "latest.weights.h5") in message
+    assert str(model_dir / "checkpoints" / "epoch_001.weights.h5") in message
+    assert "move " in message.lower() and str(model_dir / "backup") in message and "--model_dir" in message
