@@ -38,26 +38,7 @@ from dhm_keras.model_dir import (
     read_json,
     write_json_atomically,
 )
-
-# Re-identification runs are scored by retrieval (RetrievalEvaluator's logs).
-RETRIEVAL_METRICS = ("rank1", "rank5", "rank10", "mAP")
-
-
-def head_accuracies(logs: dict, prefix: str = "") -> dict:
-    """Picks ``top1/bK``, ``top5/bK`` and retrieval entries (optionally ``val_``-prefixed)."""
-    picked = {}
-    for key, value in logs.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        if name.startswith(("top1/", "top5/")) or name in RETRIEVAL_METRICS:
-            picked[name] = float(value)
-    return picked
-
-
-def score(entry: dict) -> float:
-    """What "best" maximises: B0 top-1, or rank-1 for re-identification."""
-    return entry.get("top1/b0", entry.get("rank1", float("-inf")))
+from official.core import base_task
 
 
 def sound(entry: dict) -> bool:
@@ -94,14 +75,22 @@ def good_checkpoints(model_dir: str) -> List[tuple]:
 class ResultsWriter(keras.callbacks.Callback):
     """Writes per-epoch accuracies plus best and last epoch to results.json.
 
-    "Best" is the epoch with the highest validation top-1 of the main head b0
-    (rank-1 for re-identification; train top-1 when there is no validation)
+    "Best" is the epoch with the highest score of the task's `scoring`
+    (validation top-1 of the main head b0 for classification, rank-1 for
+    re-identification; the training value when there is no validation)
     among the `sound` epochs; with none, there is no "best". Epochs are
     numbered from 1.
     """
 
-    def __init__(self, model_dir: str, total_epochs: int, config: Optional[dict] = None):
+    def __init__(
+        self,
+        model_dir: str,
+        total_epochs: int,
+        config: Optional[dict] = None,
+        scoring: base_task.Scoring = base_task.Scoring(),
+    ):
         super().__init__()
+        self.scoring = scoring  # the task's: which metrics to record, which one is "best"
         self.path = os.path.join(model_dir, RESULTS_FILE)
         self.total_epochs = int(total_epochs)
         self.config = config or {}
@@ -143,9 +132,9 @@ class ResultsWriter(keras.callbacks.Callback):
             payload["split"] = split
             candidates = [e for e in scored if sound(e)]
             if candidates:
-                best = max(candidates, key=lambda e: score(e[split]))
-                payload["best"] = {"epoch": best["epoch"], **head_accuracies(best[split])}
-            payload["last"] = {"epoch": scored[-1]["epoch"], **head_accuracies(scored[-1][split])}
+                best = max(candidates, key=lambda e: self.scoring.score(e[split]))
+                payload["best"] = {"epoch": best["epoch"], **self.scoring.pick(best[split])}
+            payload["last"] = {"epoch": scored[-1]["epoch"], **self.scoring.pick(scored[-1][split])}
         write_json_atomically(self.path, payload)
         return payload
 
@@ -206,7 +195,21 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             {"epoch": self._current_epoch, "batch": self._last_batch_seen},
         )
 
+    def restore(self, model: keras.Model) -> int:
+        """Restores `model` now, before `fit`, and returns the 0-based epoch
+        training resumes at (0: nothing to resume). The trainer starts its
+        data stream there, so this decision is made once; `fit` then does
+        not restore again. Build the optimizer first (its slots are saved)."""
+        self.set_model(model)
+        self._restore()
+        self._restored = True
+        return int(getattr(model, "_initial_epoch", None) or 0)
+
     def on_train_begin(self, logs=None):
+        if not getattr(self, "_restored", False):
+            self._restore()
+
+    def _restore(self):
         if not self.model.built:
             raise ValueError(f"BackupAndRestore needs a built model; {self.model} is not built")
         copies = [

@@ -15,6 +15,17 @@ from typing import Optional, Sequence
 import gin
 
 
+@gin.configurable("task")
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Which kind of problem the run solves: a name registered with
+    `official.core.task_factory` ('image_classification', the default, or
+    'person_reid'; a user's own task registers itself on import, e.g. through
+    a Gin ``import`` statement)."""
+
+    name: str = "image_classification"
+
+
 @gin.configurable("dataset")
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
@@ -134,7 +145,7 @@ class DiagnosticsConfig:
     cosine between the cross-entropy gradients of each auxiliary head and of
     b0 on their shared backbone (Appendix C), on the first evaluation batch;
     TensorBoard ``gradient_cosine/bK`` in logs/train (see
-    `dhm_keras.analysis.gradient_consistency`).
+    `dhm_keras.gradient_consistency`).
     """
 
     gradient_consistency_every: int = 0

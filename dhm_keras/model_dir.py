@@ -30,7 +30,7 @@ import socket
 import time
 from typing import Dict, Iterator, List, Optional
 
-from dhm_keras.errors import ModelDirLockedError, ModelDirWriteError, RunFileError
+from dhm_keras.errors import ConfigMismatchError, ModelDirLockedError, ModelDirWriteError, RunFileError
 
 CONFIG_FILE = "config.json"
 OPERATIVE_GIN_FILE = "operative_config.gin"
@@ -181,6 +181,53 @@ def config_differences(previous: dict, current: dict, may_differ=frozenset()) ->
         for name, value in experiment_fields(current).items()
         if name in before and name not in may_differ and value != before[name]
     ]
+
+
+def check_same_experiment(
+    model_dir: str,
+    config: dict,
+    may_differ=frozenset(),
+    remedy: str = "use a new --model_dir",
+    what: str = "model_dir",
+) -> None:
+    """Refuses to mix two configurations in one model directory: a
+    `ConfigMismatchError` listing the differences from its config.json.
+    `config` is in the JSON form config.json reads back."""
+    config_path = path(model_dir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        return
+    differences = config_differences(read_json(config_path), config, may_differ)
+    if differences:
+        raise ConfigMismatchError(
+            f"{what} {model_dir} holds a run with a different configuration "
+            f"({'; '.join(differences)}); {remedy}"
+        )
+
+
+def check_run_config(model_dir: str, config: dict, checkpoint: Optional[str], verb: str) -> None:
+    """Refuses to export or evaluate a run under a configuration it was not trained with.
+
+    Another normalisation, image size or model would export or score a network
+    that was never trained that way, and label the result as this run's. The
+    configuration is compared with the config.json of `model_dir` (where the
+    export or eval.json is written) and of the run that `checkpoint` lies in,
+    where those exist; a bare weights file or export elsewhere has nothing to
+    be compared with. Execution fields and what an evaluation scores
+    (`EVALUATION_FIELDS`) may differ.
+    """
+    runs = {os.path.realpath(model_dir): (model_dir, "model_dir")}
+    owner = run_dir_of(checkpoint) if checkpoint else None
+    if owner:
+        runs.setdefault(os.path.realpath(owner), (owner, "--checkpoint's model_dir"))
+    for run, what in runs.values():
+        gin_file = path(run, OPERATIVE_GIN_FILE)
+        check_same_experiment(
+            run,
+            config,
+            may_differ=EVALUATION_FIELDS,
+            remedy=f"{verb} with the configuration it was trained with (--gin_file={gin_file})",
+            what=what,
+        )
 
 
 # ----------------------------------------------------------------------------- the lock

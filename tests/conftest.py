@@ -11,8 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import official  # noqa: E402,F401  (turns on oneDNN before TensorFlow is imported)
 
 
-def run_cli(*args, timeout=1800):
-    """`python -m dhm_keras.main *args` from the repository root, output captured."""
+def run_cli(*args, timeout=1800, env_extra=None):
+    """`python -m dhm_keras.main *args` from the repository root, output captured
+    (`env_extra`: environment variables to add, e.g. PYTHONPATH)."""
     import subprocess
 
     return subprocess.run(
@@ -21,7 +22,7 @@ def run_cli(*args, timeout=1800):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})},
     )
 
 

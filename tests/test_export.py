@@ -199,13 +199,18 @@ def test_bytes_signature_sees_what_evaluation_sees(tmp_path, eval_resize):
     """serving_bytes brings an image of any size to the model the way the
     evaluation pipeline does (antialiased resize; with eval_resize, shorter
     side then centre crop), not by squashing it."""
+    import dataclasses
+
     from dhm_keras import config as cfg
-    from dhm_keras import train_lib
+    from dhm_keras import experiment
+    from dhm_keras.tasks import ImageClassificationTask
     model = tiny_classifier()
-    dataset = cfg.DatasetConfig(name="cifar10_jpeg", eval_resize=eval_resize)
+    config = dataclasses.replace(
+        experiment.from_gin(), dataset=cfg.DatasetConfig(name="cifar10_jpeg", eval_resize=eval_resize)
+    )
     path = export_lib.export_image_classifier(
         model, str(tmp_path / "export"), SHAPE, preprocess=lambda x: x / 255.0,
-        decode=train_lib.serving_decode(dataset, SHAPE[:2]),
+        decode=ImageClassificationTask(config).serving_decode(SHAPE[:2]),
     )
     served = tf.saved_model.load(path).signatures
     image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -228,7 +233,8 @@ def test_scoring_an_export_applies_eval_resize(tmp_path, monkeypatch):
     """`--mode=eval` on an export crops like checkpoint evaluation does."""
     import gin
 
-    from dhm_keras import train_lib
+    from dhm_keras import experiment, tasks
+    from dhm_keras.data import pipeline
     from dhm_keras.main import parse_gin
 
     hw, split = (24, 24), "test[:64]"
@@ -238,12 +244,13 @@ def test_scoring_an_export_applies_eval_resize(tmp_path, monkeypatch):
     )
     requests = []
     make_dataset = data_lib.make_dataset
-    monkeypatch.setattr(data_lib, "make_dataset", lambda *a, **k: requests.append(k) or make_dataset(*a, **k))
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: requests.append(k) or make_dataset(*a, **k))
     gin.clear_config()
     try:
         parse_gin(["gin/quickstart.gin"], [f"dataset.eval_split = '{split}'",
                                            f"dataset.image_size = {hw}", "dataset.eval_resize = 28"])
-        metrics = train_lib.evaluate_export(path, f"{REPO_ROOT}/quickstart_data")["metrics"]
+        config = experiment.from_gin(f"{REPO_ROOT}/quickstart_data")
+        metrics = tasks.get_task(config).evaluate_export(path)["metrics"]
     finally:
         gin.clear_config()
     ds = make_dataset("cifar10_jpeg", split, data_dir=f"{REPO_ROOT}/quickstart_data",

@@ -113,15 +113,15 @@ def test_dsl_and_baseline_have_no_mimicking_terms_whatever_the_graph():
 
 
 def test_gin_binding_reaches_the_recorded_config():
-    from dhm_keras import train_lib
+    from dhm_keras import experiment
 
     gin.clear_config()
     try:
         gin.parse_config("mimicking.graph = [('b0', 'b1', 0.5), ('b0', 'b2')]")
-        config = train_lib.current_config()
-        assert config["mimicking"]["graph"] == [["b0", "b1", 0.5], ["b0", "b2"]]
+        config = experiment.from_gin().to_json()
+        assert config["mimicking"]["graph"] == [["b0", "b1", 0.5], ["b0", "b2", 1.0]]  # normalised
         gin.clear_config()
-        assert train_lib.current_config()["mimicking"]["graph"] == "all_pairs"
+        assert experiment.from_gin().to_json()["mimicking"]["graph"] == "all_pairs"
     finally:
         gin.clear_config()
 

@@ -10,7 +10,7 @@ import json
 import gin
 import pytest
 
-from dhm_keras import train_lib
+from dhm_keras import errors, experiment, model_dir
 
 
 @pytest.fixture(autouse=True)
@@ -20,13 +20,17 @@ def clean_gin():
     gin.clear_config()
 
 
+def current_config():
+    return experiment.from_gin().to_json()
+
+
 def write_config(model_dir, config):
     (model_dir / "config.json").write_text(json.dumps(config))
 
 
 def test_optimizer_and_precision_are_recorded_with_their_defaults():
     gin.parse_config("build_sgd.learning_rate = 0.05\nbuild_sgd.milestones = (2, 4)")
-    config = train_lib.current_config()
+    config = current_config()
     assert config["optimizer"]["learning_rate"] == 0.05
     assert config["optimizer"]["milestones"] == [2, 4]  # as json reads it back
     assert config["optimizer"]["momentum"] == 0.9  # an unbound default
@@ -35,22 +39,22 @@ def test_optimizer_and_precision_are_recorded_with_their_defaults():
 
 
 def test_another_learning_rate_or_precision_is_refused(tmp_path):
-    write_config(tmp_path, train_lib.current_config())
+    write_config(tmp_path, current_config())
     gin.parse_config("build_sgd.learning_rate = 0.5")
-    with pytest.raises(train_lib.ConfigMismatchError, match=r"optimizer.learning_rate: 0.1 -> 0.5"):
-        train_lib.check_model_dir(str(tmp_path), train_lib.current_config())
+    with pytest.raises(errors.ConfigMismatchError, match=r"optimizer.learning_rate: 0.1 -> 0.5"):
+        model_dir.check_same_experiment(str(tmp_path), current_config())
     gin.clear_config()
     gin.parse_config("set_precision_policy.policy = 'mixed_float16'")
-    with pytest.raises(train_lib.ConfigMismatchError, match=r"precision.policy: 'float32' -> 'mixed_float16'"):
-        train_lib.check_model_dir(str(tmp_path), train_lib.current_config())
+    with pytest.raises(errors.ConfigMismatchError, match=r"precision.policy: 'float32' -> 'mixed_float16'"):
+        model_dir.check_same_experiment(str(tmp_path), current_config())
 
 
 def test_xla_and_verbosity_may_change_and_older_configs_still_resume(tmp_path):
-    write_config(tmp_path, train_lib.current_config())
+    write_config(tmp_path, current_config())
     gin.parse_config("train.jit_compile = False\ntrain.verbose = 2")
-    train_lib.check_model_dir(str(tmp_path), train_lib.current_config())  # no error
-    older = train_lib.current_config()
+    model_dir.check_same_experiment(str(tmp_path), current_config())  # no error
+    older = current_config()
     del older["optimizer"], older["precision"]  # written before they were recorded
     write_config(tmp_path, older)
     gin.parse_config("build_sgd.learning_rate = 0.5")
-    train_lib.check_model_dir(str(tmp_path), train_lib.current_config())  # no error
+    model_dir.check_same_experiment(str(tmp_path), current_config())  # no error

@@ -43,14 +43,13 @@ def test_off_by_default_and_on_inside_the_context():
 def test_gin_knob_reaches_the_built_network():
     import gin
 
-    from dhm_keras import config as cfg
+    from dhm_keras import experiment, tasks
     from dhm_keras.main import parse_gin
-    from dhm_keras.train_lib import build_network
 
     gin.clear_config()
     try:
         parse_gin(["gin/quickstart.gin"], ["model.sync_batchnorm = True", "model.overrides = {'blocks_per_stage': 1}"])
-        network = build_network(cfg.ModelConfig(), 10, (8, 8, 3))
+        network = tasks.get_task(experiment.from_gin()).build_network((8, 8, 3), num_classes=10)
     finally:
         gin.clear_config()
     assert bn_layers(network) and all(l.synchronized for l in bn_layers(network))

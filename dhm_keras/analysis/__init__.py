@@ -4,11 +4,10 @@
   Fig. 1-2), several seeds per run drawn as a mean with a band.
 * `correlation`: kernel-correlation heatmaps between corresponding conv layers of a
   side branch and the main branch (supplement Appendix H, Fig. 3).
-* `gradient_consistency`: cosine similarity between the gradients of each auxiliary
-  head's loss and the main head's loss on the shared backbone (Appendix C), as a
-  Keras callback.
 * `report` tabulates results.json files over seeds.
 
-Submodules are imported on demand: `gradient_consistency` is light (TensorFlow and
-Keras only) and may be used by the training loop, while the others pull in matplotlib.
+Submodules are imported on demand (some pull in matplotlib). The gradient-consistency
+measurement of Appendix C runs during training, so it lives with the trainer
+(`dhm_keras.gradient_consistency`), not here: the trainer imports nothing from this
+package.
 """

@@ -241,11 +241,12 @@ def load_network(model_dir: Optional[str] = None, gin_files: Sequence[str] = (),
     first. The class count comes from `num_classes`, else ``model.num_classes``, else
     the checkpoint's classifiers, else the dataset's TFDS metadata. Returns (network, checkpoint_path, info dict).
     """
+    import dataclasses
+
     import gin
 
-    from dhm_keras import config as cfg
-    from dhm_keras import models
-    from dhm_keras import train_lib  # noqa: F401  (registers every configurable)
+    from dhm_keras import experiment, tasks
+    from dhm_keras.gin_utils import parse_gin
     from dhm_keras.model import DHMModel
 
     files = list(gin_files)
@@ -253,44 +254,30 @@ def load_network(model_dir: Optional[str] = None, gin_files: Sequence[str] = (),
         if not model_dir:
             raise ValueError("give --model_dir (its operative_config.gin) or --gin_file")
         files = [os.path.join(model_dir, "operative_config.gin")]
-    for path in files:
-        if not os.path.exists(path) and not os.path.exists(os.path.join(_repo_root(), path)):
-            raise FileNotFoundError(f"Gin file not found: {path}")
     gin.clear_config()
-    gin.add_config_file_search_path(_repo_root())
-    gin.parse_config_files_and_bindings(files, list(gin_params))
+    parse_gin(files, list(gin_params))
+    config = experiment.from_gin(data_dir)
 
     checkpoint = resolve_checkpoint(model_dir, checkpoint)
-    dataset, model_cfg, mimic = cfg.DatasetConfig(), cfg.ModelConfig(), cfg.MimickingConfig()
+    model_cfg = config.model
     if model_cfg.mode == "baseline":
         raise ValueError("a baseline run has no side branches to correlate (use dsl or dhm)")
     if num_classes is None:
-        num_classes = getattr(model_cfg, "num_classes", None)  # model.num_classes, if bound
+        num_classes = model_cfg.num_classes  # model.num_classes, if bound
     if num_classes is None:
         num_classes = _num_classes_from_checkpoint(checkpoint)
-    if num_classes is None:
-        from dhm_keras import data as data_lib
-
-        num_classes = data_lib.dataset_info(dataset.name, data_dir or dataset.data_dir).num_classes
-    # Conv kernels do not depend on the image size; the spec's default shape serves
-    # when the dataset's images are used at their native size.
-    input_shape = (*dataset.image_size, 3) if dataset.image_size else None
-    network = models.build(
-        model_cfg.name,
-        int(num_classes),
-        mode=model_cfg.mode,
-        input_shape=input_shape,
-        **(model_cfg.overrides or {}),
-    )
-    model = DHMModel(network, mode=model_cfg.mode, bernoulli_p=mimic.bernoulli_p)
+    # The run's own task builds the network (every model.* knob applies). The
+    # class count given or read from the checkpoint spares reading the dataset;
+    # conv kernels do not depend on the image size, so without
+    # dataset.image_size the architecture's default input shape serves.
+    task = tasks.get_task(dataclasses.replace(config, model=dataclasses.replace(model_cfg, num_classes=None)))
+    image_shape = (*config.dataset.image_size, 3) if config.dataset.image_size else None
+    network = task.build_network(image_shape, num_classes=num_classes)
+    model = DHMModel(network, mode=model_cfg.mode, bernoulli_p=config.mimicking.bernoulli_p)
     model.load_weights(checkpoint)
-    info = {"model": model_cfg.name, "mode": model_cfg.mode, "dataset": dataset.name,
-            "num_classes": int(num_classes)}
+    info = {"model": model_cfg.name, "mode": model_cfg.mode, "dataset": config.dataset.name,
+            "num_classes": int(network.output[heads_lib.MAIN].shape[-1])}
     return network, checkpoint, info
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- output

@@ -185,7 +185,7 @@ def random_resized_crop(
 
     `image`: encoded bytes (scalar tf.string) or decoded uint8 `[H, W, C]`.
     `key`: scalar int64; `(key, 1)` keys the crop box and `(key, 2)` the
-    flip coin, the convention of `pipeline._pad_crop_flip`. Returns uint8
+    flip coin, the convention of `augment.pad_crop_flip`. Returns uint8
     `[hw[0], hw[1], 3]`. `crop_aware=False` and `antialias=False` exist for
     the benchmark's comparisons (the pipeline uses the defaults).
     """

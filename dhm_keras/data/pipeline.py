@@ -7,8 +7,8 @@ default, and evaluation without `eval_resize`):
     checked to lie in [0, C-1]: see `input_errors.checked_label`) -> [take]
     -> [label corruption, keyed by the example's position in the split]
     -> [resize] -> [cache decoded uint8 in memory]
-    -> training only: shuffle (seeded, reshuffled every epoch)
-                      -> zip with a per-element random key
+    -> training only: epoch e's permutation, drawn from (seed, e)
+                      -> a per-element key drawn from (seed, e, position)
                       -> pad `padding` zero pixels, random crop back, random flip
     -> batch by the GLOBAL batch size -> normalise per channel -> prefetch
 
@@ -17,7 +17,7 @@ evaluation with `eval_resize`; the ops live in `imagenet.py`):
 
     TFDS records, image NOT decoded (`SkipDecoding`) -> (JPEG/PNG bytes,
     int32 label, checked) -> [take] -> [label corruption] -> [cache the ENCODED bytes]
-    -> training: shuffle -> zip with a per-element random key
+    -> training: epoch e's permutation -> a per-element key
                  -> draw an Inception crop box from the JPEG header's shape,
                     decode only that window, resize to image_size, random flip
     -> evaluation: decode, shorter side to eval_resize, centre crop image_size
@@ -25,14 +25,18 @@ evaluation with `eval_resize`; the ops live in `imagenet.py`):
 
 Design choices, and why:
 
+* Stages (`read_split` -> `training_epoch` or the evaluation transform ->
+  `batch_and_normalize`), each a function of its own; the per-image ops are
+  `dhm_keras.data.augment`'s, the per-epoch randomness `dhm_keras.data.epochs`'.
 * Augmentation tool: plain `tf.image` STATELESS ops (`stateless_random_crop`,
-  `stateless_random_flip_left_right`), keyed by a per-element seed drawn from
-  `tf.data.Dataset.random(seed, rerandomize_each_iteration=True)`.
+  `stateless_random_flip_left_right`), keyed by a per-element key drawn
+  statelessly from (seed, epoch, position).
   - Deterministic: a stateless op is a pure function of (image, key), so the
     output does not depend on how the parallel `map` schedules its threads;
-    the keys come from a seeded stream that tf.data re-seeds on every new
-    iteration (epoch), so a given seed gives identical batches run to run
-    while every epoch still sees new crops and flips.
+    the order and keys of epoch e depend on (seed, e) alone, so a given seed
+    gives identical batches run to run, every epoch sees new crops and
+    flips, and a resumed run (`make_training_stream(first_epoch=k)`) reads
+    what an uninterrupted one reads.
   - Correct: the recipe (reference: torchvision `RandomCrop(32, padding=4)`
     on the uint8 image) pads with BLACK pixels before normalisation. Keras'
     `RandomCrop` has no padding mode (it resizes when the input is smaller),
@@ -55,9 +59,12 @@ Design choices, and why:
   decode trims it). Evaluation caches bytes too, for one rule on one path
   (its deterministic 224x224 crops could be cached instead, at 150 KB per
   image, ~7.5 GB for ImageNet's validation split).
-* The shuffle buffer defaults to the whole split for small datasets (a true
-  uniform permutation each epoch, like a PyTorch sampler); larger ones use a
-  bounded buffer (see `_default_shuffle_buffer`).
+* Records are read in their fixed file order (label corruption is keyed by
+  position; TFDS writes its shards already shuffled). The per-epoch
+  permutation covers the whole split for small datasets (a true uniform
+  permutation each epoch, like a PyTorch sampler); larger ones are permuted
+  in windows of 10,000 examples, like a bounded shuffle buffer (see
+  `_default_shuffle_buffer`).
 * Batches are GLOBAL: `tf.distribute` splits each one across replicas.
   Training drops the remainder so that every step has the same shape (no
   retracing, equal per-replica batches); evaluation keeps every example.
@@ -69,21 +76,21 @@ Design choices, and why:
   (one comparison per example), and the split's record files are looked
   for when the pipeline is built, so a missing shard is reported before
   training instead of in the middle of an epoch.
-* Determinism also needs the same global TF seed (`keras.utils.
-  set_random_seed`), because tf.data combines it with the op seeds. The
-  per-epoch re-randomisation counts iterations of this dataset object, so a
-  process restarted mid-training starts again from "epoch 0" streams.
+* Training without a seed draws one at random: that run cannot be repeated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dhm_keras.data import augment as augment_lib
+from dhm_keras.data import epochs as epochs_lib
 from dhm_keras.data import imagenet as imagenet_lib
 from dhm_keras.data import input_errors
 from dhm_keras.data import stats as stats_lib
@@ -95,11 +102,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 _FULL_SHUFFLE_MAX_BYTES = 1 << 30
 _LARGE_SHUFFLE_BUFFER = 10_000
 
-ImageSize = Union[int, Sequence[int]]
-
-# Training augmentations `make_dataset` knows. "none" trains on the plain
-# images (shuffled only): the memorisation regime of small noisy-label studies.
-AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop", "none")
+ImageSize = augment_lib.ImageSize
+AUGMENTATIONS = augment_lib.AUGMENTATIONS
 
 
 class DatasetNotFoundError(ValueError):
@@ -242,40 +246,6 @@ def _encoded_images(builder: tfds.core.DatasetBuilder, split: str):
     return images
 
 
-def _image_hw(image_size: Optional[ImageSize]) -> Optional[Tuple[int, int]]:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    h, w = (int(v) for v in image_size)
-    return (h, w)
-
-
-def _resize_uint8(image: tf.Tensor, hw: Tuple[int, int]) -> tf.Tensor:
-    # Antialiased bilinear resize, rounded back to uint8 so that the cache
-    # stays 4x smaller than float32 and augmentation pads real pixel values.
-    # One implementation for both paths (see imagenet.resize_to_uint8).
-    return imagenet_lib.resize_to_uint8(image, hw)
-
-
-def _pad_crop_flip(image: tf.Tensor, key: tf.Tensor, padding: int) -> tf.Tensor:
-    """Zero-pad by `padding`, crop back to the original size, maybe flip.
-
-    `key` is a scalar int64; (key, 1) and (key, 2) are independent Philox
-    keys for the crop offset and the flip coin.
-    """
-    static_shape = image.shape
-    shape = tf.shape(image)
-    seed_crop = tf.stack([key, tf.constant(1, tf.int64)])
-    seed_flip = tf.stack([key, tf.constant(2, tf.int64)])
-    if padding > 0:
-        padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-        image = tf.image.stateless_random_crop(padded, size=shape, seed=seed_crop)
-    image = tf.image.stateless_random_flip_left_right(image, seed=seed_flip)
-    image.set_shape(static_shape)  # keep H, W static for the model's trace
-    return image
-
-
 def corrupt_label(
     label: tf.Tensor, index: tf.Tensor, rate: float, num_classes: int, seed: int
 ) -> tf.Tensor:
@@ -309,6 +279,163 @@ def _default_shuffle_buffer(num_examples: int, image_shape: tuple) -> int:
     return min(num_examples, _LARGE_SHUFFLE_BUFFER)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitExamples:
+    """The first stage: a split's examples, unbatched, in file order.
+
+    `examples` yields (uint8 image [H, W, 3], or the encoded bytes on the
+    ImageNet path; int32 label), labels checked and optionally corrupted,
+    images resized to `hw` (decoded path) and cached if asked.
+    """
+
+    examples: tf.data.Dataset
+    hw: Optional[Tuple[int, int]]
+    encoded: bool
+    num_classes: int
+    image_shape: Tuple[int, ...]
+    description: str
+    shards: tuple
+    builder: object
+    split: str
+    # Examples permuted together in training (see `_default_shuffle_buffer`).
+    window: int
+    count: int  # examples in the split; negative if unknown
+
+
+def read_split(
+    name: str,
+    split: str,
+    *,
+    data_dir: Optional[str],
+    hw: Optional[Tuple[int, int]],
+    encoded: bool,
+    take: Optional[int] = None,
+    cache: bool = True,
+    label_noise: float = 0.0,
+    label_noise_seed: int = 0,
+) -> SplitExamples:
+    """Reads `split` in its fixed file order: decode (unless `encoded`),
+    check every label against [0, C-1] as it leaves its record (before
+    take, cache or label noise, so the record named is the record's),
+    [take], [corrupt labels by position], [resize], [cache].
+
+    The order is fixed: label corruption is keyed by position, and the
+    training order is drawn per epoch afterwards (`dhm_keras.data.epochs`).
+    """
+    builder = _builder(name, data_dir)
+    shape, num_classes = _check_features(builder)
+    if hw is None and (shape[0] is None or shape[1] is None):
+        raise ValueError(f"{name} has images of varying size {shape}; pass image_size=...")
+    description = f"split {split!r} of {name}"
+    shards = _split_shards(builder, split)
+    # Before training starts, not at the first read of the missing shard.
+    input_errors.require_files([path for path, _, _ in shards], description)
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        read_config=tfds.ReadConfig(try_autocache=False),  # we cache ourselves, after decoding
+        # ImageNet path: keep the bytes; imagenet.py decodes (only the crop).
+        decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
+    )
+    # Encoded images are decoded with channels=3 later (grayscale included).
+    grayscale = shape[-1] == 1 and ds.element_spec["image"].dtype != tf.string
+    directory = os.fspath(builder.data_dir)
+
+    def to_pair(position, example):
+        image = example["image"]
+        if grayscale:
+            image = tf.image.grayscale_to_rgb(image)
+        label = input_errors.checked_label(example["label"], num_classes, position, description, directory)
+        return image, label
+
+    ds = ds.enumerate().map(to_pair, num_parallel_calls=AUTOTUNE)
+    if take is not None:
+        ds = ds.take(take)
+    if label_noise:
+        ds = ds.enumerate().map(
+            lambda i, xy: (xy[0], corrupt_label(xy[1], i, label_noise, num_classes, label_noise_seed)),
+            num_parallel_calls=AUTOTUNE,
+        )
+    if hw is not None and not encoded:
+        ds = ds.map(lambda x, y: (augment_lib.resize_uint8(x, hw), y), num_parallel_calls=AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    image_shape = tuple(hw or shape[:2]) + (3,)
+    count = int(ds.cardinality())
+    window = _default_shuffle_buffer(count, image_shape)
+    return SplitExamples(
+        ds, hw, encoded, num_classes, image_shape, description, shards, builder, split, window, count
+    )
+
+
+def training_epoch(
+    read: SplitExamples,
+    epoch: tf.Tensor,
+    *,
+    seed: int,
+    augmentation: str,
+    padding: int,
+    shuffle_buffer: Optional[int] = None,
+) -> tf.data.Dataset:
+    """Epoch `epoch` of the training examples: the order and the augmentation
+    draws of (seed, epoch) alone (`dhm_keras.data.epochs`), unbatched."""
+    ds = epochs_lib.shuffled(read.examples, seed, epoch, shuffle_buffer or read.window, read.count)
+    augment = augment_lib.training_augmentation(augmentation, read.hw, padding)
+    if augment is None:
+        return ds
+    return epochs_lib.with_keys(ds, seed, epoch).map(
+        lambda xy, key: (augment(xy[0], key), xy[1]), num_parallel_calls=AUTOTUNE
+    )
+
+
+def batch_and_normalize(ds, global_batch_size: int, drop_remainder: bool, mean, std) -> tf.data.Dataset:
+    """Batches by the GLOBAL batch size, then normalises each batch in one op."""
+    ds = ds.batch(global_batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
+    return ds.map(lambda x, y: (stats_lib.normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE)
+
+
+def _finish(ds: tf.data.Dataset, read: SplitExamples, deterministic: bool) -> tf.data.Dataset:
+    options = tf.data.Options()
+    if deterministic:
+        options.deterministic = True
+    ds = ds.with_options(options).prefetch(AUTOTUNE)
+    if read.shards:
+        images = _encoded_images(read.builder, read.split)
+        input_errors.remember(input_errors.Source(read.description, read.shards, images=images), ds)
+    return ds
+
+
+def _checked_arguments(name, global_batch_size, padding, label_noise, augmentation, eval_resize,
+                       image_size, training, mean, std):
+    """Validates the arguments shared by `make_dataset` and
+    `make_training_stream`; returns (hw, encoded, mean, std)."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+    augment_lib.training_augmentation(augmentation, None, padding)  # a known name
+    if eval_resize is not None and int(eval_resize) <= 0:
+        raise ValueError(f"eval_resize must be positive, got {eval_resize}")
+    hw = augment_lib.image_hw(image_size)
+    # The ImageNet path: read encoded bytes, crop/resize after the cache.
+    random_resized = training and augmentation == "random_resized_crop"
+    centre_crop = not training and eval_resize is not None
+    encoded = random_resized or centre_crop
+    if encoded and hw is None:
+        hw = (imagenet_lib.DEFAULT_IMAGE_SIZE, imagenet_lib.DEFAULT_IMAGE_SIZE)
+    if centre_crop and max(hw) > int(eval_resize):
+        raise ValueError(f"image_size {hw} does not fit in images resized to eval_resize={eval_resize}")
+    mean, std = stats_lib.channel_stats(name, mean, std)
+    return hw, encoded, mean, std
+
+
+def _training_seed(seed: Optional[int]) -> int:
+    # No seed: fresh randomness for this run (it then cannot be reproduced).
+    return int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+
+
 def make_dataset(
     name: str,
     split: str,
@@ -329,8 +456,10 @@ def make_dataset(
     label_noise_seed: int = 0,
     augmentation: str = "pad_crop_flip",
     eval_resize: Optional[int] = None,
+    epoch: int = 0,
 ) -> tf.data.Dataset:
-    """Batched `(images float32 [B, H, W, 3] normalised, labels int32 [B])`.
+    """Batched `(images float32 [B, H, W, 3] normalised, labels int32 [B])`:
+    the evaluation split, or ONE training epoch (`epoch`, 0-based).
 
     Args:
       name: TFDS name (optionally "name:version") with `image`/`label` features.
@@ -347,14 +476,14 @@ def make_dataset(
       take: keep only the first `take` examples of the split.
       cache: keep decoded uint8 images in memory after the first epoch
         (on the ImageNet path: the encoded bytes, see the module docstring).
-      shuffle_buffer: default the whole split if it is small (<= 1 GiB).
+      shuffle_buffer: examples permuted together; default the whole split if
+        it is small (<= 1 GiB decoded), else 10,000.
       drop_remainder: default `training`.
       padding: zero pixels added on each side before the random crop
         (`pad_crop_flip` only).
       label_noise: fraction of labels to corrupt (Appendix E; see
         `corrupt_label`); 0 keeps every label. Corruption depends on the
-        example's position in the split, so the split is read in its
-        fixed file order whenever it is on.
+        example's position in the split.
       label_noise_seed: which examples are corrupted, and to what.
       augmentation: training augmentation, one of `AUGMENTATIONS`:
         "pad_crop_flip" (CIFAR: zero-pad, random crop back, flip) or
@@ -366,6 +495,7 @@ def make_dataset(
         (keeping the aspect ratio), then centre-crop image_size (ImageNet:
         256 -> 224). None (default) resizes straight to image_size, if given.
         Ignored when `training` is True.
+      epoch: training only: which epoch's order and augmentation draws.
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared under data_dir.
@@ -373,136 +503,64 @@ def make_dataset(
       ValueError: unsupported features or missing statistics, an unknown
         `augmentation`, or a crop larger than `eval_resize`.
     """
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    if not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(
-            f"Unknown augmentation {augmentation!r}; choose one of "
-            f"{', '.join(repr(a) for a in AUGMENTATIONS)}"
-        )
-    if eval_resize is not None and int(eval_resize) <= 0:
-        raise ValueError(f"eval_resize must be positive, got {eval_resize}")
-    hw = _image_hw(image_size)
-    # The ImageNet path: read encoded bytes, crop/resize after the cache.
-    random_resized = training and augmentation == "random_resized_crop"
-    centre_crop = not training and eval_resize is not None
-    encoded = random_resized or centre_crop
-    if encoded and hw is None:
-        hw = (imagenet_lib.DEFAULT_IMAGE_SIZE, imagenet_lib.DEFAULT_IMAGE_SIZE)
-    if centre_crop and max(hw) > int(eval_resize):
-        raise ValueError(
-            f"image_size {hw} does not fit in images resized to eval_resize={eval_resize}"
-        )
-    mean, std = stats_lib.channel_stats(name, mean, std)
-    builder = _builder(name, data_dir)
-    shape, num_classes = _check_features(builder)
-    if hw is None and (shape[0] is None or shape[1] is None):
-        raise ValueError(
-            f"{name} has images of varying size {shape}; pass image_size=..."
-        )
+    hw, encoded, mean, std = _checked_arguments(
+        name, global_batch_size, padding, label_noise, augmentation, eval_resize, image_size, training, mean, std
+    )
+    read = read_split(
+        name, split, data_dir=data_dir, hw=hw, encoded=encoded, take=take, cache=cache,
+        label_noise=label_noise, label_noise_seed=label_noise_seed,
+    )
     if drop_remainder is None:
         drop_remainder = training
-
-    description = f"split {split!r} of {name}"
-    shards = _split_shards(builder, split)
-    # Before training starts, not at the first read of the missing shard.
-    input_errors.require_files([path for path, _, _ in shards], description)
-
-    # The cache freezes the file order anyway; corruption needs it fixed.
-    shuffle_files = training and not cache and not label_noise
-    read_config = tfds.ReadConfig(
-        try_autocache=False,  # we cache ourselves, after decoding
-        shuffle_seed=seed,
-        # A bad label's record: in a fixed-order read, its position in the
-        # split names it (enumerate + check: within the noise of reading a
-        # 32x32 record, ~80 us); only shuffled files need TFDS's
-        # "<file>__<index>" id, at ~55 us of CPU per example (measured on the
-        # quickstart records): that path (ImageNet, cache off) spends
-        # milliseconds per example decoding full-size JPEGs.
-        add_tfds_id=shuffle_files,
-    )
-    ds = builder.as_dataset(
-        split=split,
-        shuffle_files=shuffle_files,
-        read_config=read_config,
-        # ImageNet path: keep the bytes; imagenet.py decodes (only the crop).
-        decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
-    )
-
-    # Encoded images are decoded with channels=3 later (grayscale included);
-    # should a builder hand out decoded pixels anyway, the imagenet.py ops
-    # take those too.
-    grayscale = shape[-1] == 1 and ds.element_spec["image"].dtype != tf.string
-    directory = os.fspath(builder.data_dir)
-
-    def to_pair(position, example):
-        image = example["image"]
-        if grayscale:
-            image = tf.image.grayscale_to_rgb(image)
-        # Checked here, as read: before take/shuffle/cache/label noise, so
-        # that the record named is the record's, in every pipeline.
-        label = input_errors.checked_label(
-            example["label"], num_classes, example.get("tfds_id", position), description, directory
-        )
-        return image, label
-
-    ds = ds.enumerate().map(to_pair, num_parallel_calls=AUTOTUNE)
-    if take is not None:
-        ds = ds.take(take)
-    if label_noise:
-        ds = ds.enumerate().map(
-            lambda i, xy: (
-                xy[0],
-                corrupt_label(xy[1], i, label_noise, num_classes, label_noise_seed),
-            ),
-            num_parallel_calls=AUTOTUNE,
-        )
-    if hw is not None and not encoded:
-        ds = ds.map(lambda x, y: (_resize_uint8(x, hw), y), num_parallel_calls=AUTOTUNE)
-    if cache:
-        ds = ds.cache()
-
     if training:
-        image_shape = (hw or tuple(shape[:2])) + (3,)
-        buffer = shuffle_buffer or _default_shuffle_buffer(
-            int(ds.cardinality()), image_shape
-        )
-        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        augment = {
-            "pad_crop_flip": lambda image, key: _pad_crop_flip(image, key, padding),
-            "random_resized_crop": lambda image, key: imagenet_lib.random_resized_crop(
-                image, key, hw),
-        }.get(augmentation)
-        if augment is not None:
-            keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-            ds = tf.data.Dataset.zip((ds, keys)).map(
-                lambda xy, key: (augment(xy[0], key), xy[1]),
-                num_parallel_calls=AUTOTUNE,
-            )
-    elif centre_crop:
-        ds = ds.map(
-            lambda x, y: (imagenet_lib.resize_and_centre_crop(x, int(eval_resize), hw), y),
-            num_parallel_calls=AUTOTUNE,
-        )
+        seed = _training_seed(seed)
+        ds = training_epoch(read, tf.constant(int(epoch), tf.int64), seed=seed, augmentation=augmentation,
+                            padding=padding, shuffle_buffer=shuffle_buffer)
+    else:
+        ds = read.examples
+        if eval_resize is not None:
+            ds = ds.map(lambda x, y: (augment_lib.eval_image_transform(x, hw, eval_resize), y),
+                        num_parallel_calls=AUTOTUNE)
+    ds = batch_and_normalize(ds, global_batch_size, drop_remainder, mean, std)
+    return _finish(ds, read, deterministic=seed is not None or not training)
 
-    ds = ds.batch(
-        global_batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE
-    )
-    ds = ds.map(
-        lambda x, y: (stats_lib.normalize(x, mean, std), y),
-        num_parallel_calls=AUTOTUNE,
-    )
 
-    options = tf.data.Options()
-    if seed is not None:
-        options.deterministic = True
-    ds = ds.with_options(options).prefetch(AUTOTUNE)
-    if shards:
-        input_errors.remember(
-            input_errors.Source(description, shards, images=_encoded_images(builder, split)), ds
-        )
-    return ds
+def make_training_stream(
+    name: str,
+    split: str,
+    *,
+    first_epoch: int = 0,
+    data_dir: Optional[str] = None,
+    global_batch_size: int,
+    seed: Optional[int] = None,
+    image_size: Optional[ImageSize] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    take: Optional[int] = None,
+    cache: bool = True,
+    shuffle_buffer: Optional[int] = None,
+    padding: int = 4,
+    label_noise: float = 0.0,
+    label_noise_seed: int = 0,
+    augmentation: str = "pad_crop_flip",
+) -> tf.data.Dataset:
+    """Training epochs `first_epoch`, `first_epoch + 1`, ... back to back,
+    endlessly; each is exactly `make_dataset(training=True, epoch=e)`'s
+    batches (whole batches only). Read with `fit(steps_per_epoch=...)`: a
+    run resumed at epoch k starts the stream at k and reads what an
+    uninterrupted run reads. Arguments as for `make_dataset`."""
+    hw, encoded, mean, std = _checked_arguments(
+        name, global_batch_size, padding, label_noise, augmentation, None, image_size, True, mean, std
+    )
+    read = read_split(
+        name, split, data_dir=data_dir, hw=hw, encoded=encoded, take=take, cache=cache,
+        label_noise=label_noise, label_noise_seed=label_noise_seed,
+    )
+    seed = _training_seed(seed)
+
+    def one_epoch(epoch):
+        ds = training_epoch(read, epoch, seed=seed, augmentation=augmentation, padding=padding,
+                            shuffle_buffer=shuffle_buffer)
+        return batch_and_normalize(ds, global_batch_size, True, mean, std)
+
+    return _finish(epochs_lib.stream(one_epoch, first_epoch), read, deterministic=True)

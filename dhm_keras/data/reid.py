@@ -29,10 +29,11 @@ Person id -1 marks junk boxes (Market-1501 "-1_c1s1_..."), id 0 distractors
 
 The pipeline (images are small - 128x64 in Market-1501 - so every step is cheap):
 
-    sorted (path, label) -> [train: shuffle, seeded] -> read + decode JPEG
-    -> [cache decoded uint8] -> resize to image_size (256x128 by default)
+    sorted (path, label) -> [train: epoch e's permutation of (seed, e)]
+    -> read + decode JPEG -> [cache decoded uint8] -> resize to image_size
+    (256x128 by default)
     -> train: pad `padding` black pixels, random crop back, random flip
-       (`pipeline._pad_crop_flip`, stateless, keyed per element)
+       (`augment.pad_crop_flip`, stateless, keyed by (seed, epoch, position))
        + the random-erasing rectangle drawn per element (stateless)
     -> batch by the GLOBAL batch size (train drops the remainder)
     -> normalise per channel -> train: erase (fill 0) -> prefetch
@@ -61,11 +62,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from dhm_keras.data import augment as augment_lib
+from dhm_keras.data import epochs as epochs_lib
 from dhm_keras.data import input_errors, pipeline
 from dhm_keras.data import stats as stats_lib
 
@@ -283,6 +287,7 @@ def make_reid_dataset(
     padding: int = 10,
     random_erasing: float = 0.0,
     cache: bool = False,
+    epoch: int = 0,
 ) -> tf.data.Dataset:
     """Batched re-ID data.
 
@@ -300,6 +305,8 @@ def make_reid_dataset(
       global_batch_size: examples per step across all replicas.
       training: shuffle + augment + drop remainder ("train" only).
       seed: makes order and augmentation reproducible; None = fresh randomness.
+      epoch: training only: which epoch's order and augmentation draws (0-based;
+        they depend on (seed, epoch) alone, see `dhm_keras.data.epochs`).
       image_size: (H, W) every image is resized to (bilinear, antialiased).
       mean, std: RGB in [0, 1] units; default ImageNet's.
       padding: black pixels added on each side before the random crop.
@@ -311,6 +318,105 @@ def make_reid_dataset(
       ReidDatasetNotFoundError: the dataset folder is missing.
       ValueError: bad arguments.
     """
+    prepared = _prepare(name, split, data_dir, global_batch_size, training, seed, image_size,
+                        mean, std, padding, random_erasing, cache)
+    if training:
+        ds = prepared.training_epoch(tf.constant(int(epoch), tf.int64))
+    else:
+        ds = prepared.examples.map(lambda x, y: (augment_lib.resize_uint8(x, prepared.hw), y),
+                                   num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(global_batch_size, drop_remainder=False, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (stats_lib.normalize(x, prepared.mean, prepared.std), y),
+                    num_parallel_calls=AUTOTUNE)
+    return prepared.finish(ds, deterministic=seed is not None or not training)
+
+
+def make_reid_training_stream(
+    name: str,
+    split: str,
+    *,
+    first_epoch: int = 0,
+    data_dir: Optional[str],
+    global_batch_size: int,
+    seed: Optional[int] = None,
+    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    padding: int = 10,
+    random_erasing: float = 0.0,
+    cache: bool = False,
+) -> tf.data.Dataset:
+    """Training epochs `first_epoch`, `first_epoch + 1`, ... back to back,
+    endlessly, each exactly `make_reid_dataset(training=True, epoch=e)`'s
+    batches (see `pipeline.make_training_stream`)."""
+    prepared = _prepare(name, split, data_dir, global_batch_size, True, seed, image_size,
+                        mean, std, padding, random_erasing, cache)
+    return prepared.finish(epochs_lib.stream(prepared.training_epoch, first_epoch), deterministic=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A re-ID split read and decoded (and cached) as asked, ready for epochs."""
+
+    examples: tf.data.Dataset  # (path or decoded uint8 image, target), sorted file order
+    decoded: bool
+    size: int
+    hw: Tuple[int, int]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    seed: int
+    padding: int
+    random_erasing: float
+    global_batch_size: int
+    description: str
+    files: Tuple[str, ...]
+
+    def training_epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+        """One epoch, order and draws from (seed, epoch): shuffled paths (or
+        cached images), decoded, resized, augmented, erased, batched."""
+        ds = epochs_lib.shuffled(self.examples, self.seed, epoch, self.size, self.size)
+        if not self.decoded:  # shuffle cheap paths, decode after
+            ds = ds.map(lambda path, y: (_decode(path), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (augment_lib.resize_uint8(x, self.hw), y), num_parallel_calls=AUTOTUNE)
+        hw, padding, erasing = self.hw, self.padding, self.random_erasing
+
+        def augment(xy, key):
+            image = augment_lib.pad_crop_flip(xy[0], key, padding)
+            return image, xy[1], erase_box(key, hw[0], hw[1], erasing)
+
+        ds = epochs_lib.with_keys(ds, self.seed, epoch).map(augment, num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(self.global_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+        mean, std = self.mean, self.std
+
+        def finish(images, labels, boxes):
+            images = stats_lib.normalize(images, mean, std)
+            if erasing > 0:
+                images = apply_erasing(images, boxes)
+            return images, labels
+
+        return ds.map(finish, num_parallel_calls=AUTOTUNE)
+
+    def finish(self, ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
+        options = tf.data.Options()
+        options.deterministic = deterministic
+        ds = ds.with_options(options).prefetch(AUTOTUNE)
+        files = self.files
+        # So that an image that does not decode is named (input_errors).
+        input_errors.remember(
+            input_errors.Source(
+                self.description,
+                tuple((path, 0, 1) for path in files),
+                images=lambda: tf.data.Dataset.from_tensor_slices(list(files)).map(tf.io.read_file),
+                image_files=True,
+            ),
+            ds,
+        )
+        return ds
+
+
+def _prepare(name, split, data_dir, global_batch_size, training, seed, image_size, mean, std,
+             padding, random_erasing, cache) -> _Prepared:
+    """Checks the arguments, lists the split and builds its (decoded/cached) examples."""
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
     if padding < 0:
@@ -320,7 +426,7 @@ def make_reid_dataset(
     if training and split != "train":
         raise ValueError(f"split {split!r} is for retrieval and is never augmented; "
                          "pass training=False")
-    hw = pipeline._image_hw(image_size)
+    hw = augment_lib.image_hw(image_size)
     if hw is None:
         raise ValueError("image_size is required for re-ID data")
     if mean is None and std is None:
@@ -339,56 +445,15 @@ def make_reid_dataset(
             "camid": tf.constant([r.camid for r in records], tf.int32),
         }
     ds = tf.data.Dataset.from_tensor_slices((paths, targets))
-    decode = lambda path, y: (_decode(path), y)  # noqa: E731
-    if training:
-        if cache:  # decode once, then shuffle the decoded images
-            ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
-            ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
-        else:  # shuffle cheap paths, decode after
-            ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
-            ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
-    else:
-        ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
+    # Evaluation always decodes; training decodes before the cache, or after
+    # the shuffle when nothing is cached (shuffling paths is cheaper).
+    decoded = cache or not training
+    if decoded:
+        ds = ds.map(lambda path, y: (_decode(path), y), num_parallel_calls=AUTOTUNE)
         if cache:
             ds = ds.cache()
-    ds = ds.map(lambda x, y: (pipeline._resize_uint8(x, hw), y), num_parallel_calls=AUTOTUNE)
-
-    if training:
-        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((ds, keys))
-
-        def augment(xy, key):
-            image = pipeline._pad_crop_flip(xy[0], key, padding)
-            return image, xy[1], erase_box(key, hw[0], hw[1], random_erasing)
-
-        ds = ds.map(augment, num_parallel_calls=AUTOTUNE)
-        ds = ds.batch(global_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
-
-        def finish(images, labels, boxes):
-            images = stats_lib.normalize(images, mean, std)
-            if random_erasing > 0:
-                images = apply_erasing(images, boxes)
-            return images, labels
-
-        ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
-    else:
-        ds = ds.batch(global_batch_size, drop_remainder=False, num_parallel_calls=AUTOTUNE)
-        ds = ds.map(
-            lambda x, y: (stats_lib.normalize(x, mean, std), y), num_parallel_calls=AUTOTUNE
-        )
-
-    options = tf.data.Options()
-    options.deterministic = seed is not None or not training
-    ds = ds.with_options(options).prefetch(AUTOTUNE)
-    # So that an image that does not decode is named (input_errors).
-    files = tuple(r.path for r in records)
-    input_errors.remember(
-        input_errors.Source(
-            f"split {split!r} of {name}",
-            tuple((path, 0, 1) for path in files),
-            images=lambda: tf.data.Dataset.from_tensor_slices(list(files)).map(tf.io.read_file),
-            image_files=True,
-        ),
-        ds,
+    seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+    return _Prepared(
+        ds, decoded, len(records), hw, tuple(mean), tuple(std), seed, padding, random_erasing,
+        global_batch_size, f"split {split!r} of {name}", tuple(r.path for r in records),
     )
-    return ds

@@ -79,6 +79,11 @@ SIGNATURES = {
 }
 
 
+def is_saved_model(path) -> bool:
+    """Whether `path` is a SavedModel directory (an export version)."""
+    return bool(path) and tf.io.gfile.exists(os.path.join(path, "saved_model.pb"))
+
+
 def next_version(export_dir: str) -> int:
     """1 + the largest numeric version already under export_dir (1 if none)."""
     if not tf.io.gfile.exists(export_dir):

@@ -78,9 +78,10 @@ def test_training_pairs_each_image_with_its_fixed_corrupted_label(clean):
         for image, label in zip(images.numpy(), labels.numpy()):
             label_of_image[image.tobytes()] = label
     # No padding: a training image is an evaluation image, maybe mirrored.
-    train = sample(training=True, label_noise=0.2, label_noise_seed=1, drop_remainder=False, padding=0)
     orders = []
-    for _ in range(2):
+    for epoch in range(2):
+        train = sample(training=True, label_noise=0.2, label_noise_seed=1, drop_remainder=False, padding=0,
+                       epoch=epoch)
         order = []
         for images, labels in train:
             for image, label in zip(images.numpy(), labels.numpy()):

@@ -22,7 +22,7 @@ def two_heads(keras, negate_b1=False, seed=0):
 def test_shared_variables_are_the_common_layers():
     import keras
 
-    from dhm_keras.analysis.gradient_consistency import shared_variables
+    from dhm_keras.gradient_consistency import shared_variables
 
     network = two_heads(keras)
     names = [v.path for v in shared_variables(network, "b1")]
@@ -32,7 +32,7 @@ def test_shared_variables_are_the_common_layers():
 def test_identical_heads_give_one():
     import keras
 
-    from dhm_keras.analysis.gradient_consistency import gradient_cosine
+    from dhm_keras.gradient_consistency import gradient_cosine
 
     network = two_heads(keras)
     rng = np.random.default_rng(0)
@@ -46,7 +46,7 @@ def test_negated_head_gives_minus_one():
     one example the shared gradients are exactly opposite."""
     import keras
 
-    from dhm_keras.analysis.gradient_consistency import gradient_cosine
+    from dhm_keras.gradient_consistency import gradient_cosine
 
     network = two_heads(keras, negate_b1=True)
     x = np.array([[0.3, -1.2, 0.8, 0.5]], "float32")
@@ -60,7 +60,7 @@ def test_matches_direct_gradient_tape_on_a_dhm_model():
     import tensorflow as tf
 
     from dhm_keras import models
-    from dhm_keras.analysis.gradient_consistency import gradient_cosine, shared_variables
+    from dhm_keras.gradient_consistency import gradient_cosine, shared_variables
 
     keras.utils.set_random_seed(0)
     network = models.build("resnet32", 7, mode="dhm", input_shape=(16, 16, 3),
@@ -96,7 +96,7 @@ def test_callback_logs_every_n_steps(tmp_path):
     import keras
     import tensorflow as tf
 
-    from dhm_keras.analysis.gradient_consistency import GradientConsistency, gradient_cosine
+    from dhm_keras.gradient_consistency import GradientConsistency, gradient_cosine
     from dhm_keras.model import DHMModel
 
     keras.utils.set_random_seed(1)
@@ -137,7 +137,7 @@ def test_callback_logs_every_n_steps(tmp_path):
 
 
 def test_callback_rejects_bad_interval():
-    from dhm_keras.analysis.gradient_consistency import GradientConsistency
+    from dhm_keras.gradient_consistency import GradientConsistency
 
     with pytest.raises(ValueError, match="every_n_steps"):
         GradientConsistency((np.zeros((1, 4)), np.zeros(1)), every_n_steps=0)
