@@ -38,6 +38,7 @@ from dhm_keras.model_dir import (
     read_json,
     write_json_atomically,
 )
+from dhm_keras.tasks.image_classification import ImageClassificationTask
 from official.core import base_task
 
 
@@ -87,7 +88,7 @@ class ResultsWriter(keras.callbacks.Callback):
         model_dir: str,
         total_epochs: int,
         config: Optional[dict] = None,
-        scoring: base_task.Scoring = base_task.Scoring(),
+        scoring: base_task.Scoring = ImageClassificationTask.scoring,
     ):
         super().__init__()
         self.scoring = scoring  # the task's: which metrics to record, which one is "best"

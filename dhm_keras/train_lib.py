@@ -71,6 +71,7 @@ def build_experiment(config: experiment_lib.ExperimentConfig, training: bool = T
     strategy = distribute.get_strategy()
     task = tasks.get_task(config)
     task.dataset_info()  # a missing dataset or a class-count mismatch fails first
+    task.check_inputs(training)  # so do missing record files: nothing is written yet
     image_shape = task.image_shape()
     steps_per_epoch = task.steps_per_epoch() if training else 1
     eval_ds = task.build_eval_inputs()

@@ -38,3 +38,29 @@ def run_report_script(script, timeout=300):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith("REPORT "))
     return json.loads(line[len("REPORT "):])
+
+
+# A small, quick run of the quick-start recipe for tests of errors and run files.
+TINY_RUN_ARGS = [
+    "--gin_file=gin/quickstart.gin",
+    "--gin_param=dataset.train_split = 'train[:128]'",
+    "--gin_param=dataset.eval_split = 'test[:64]'",
+    "--gin_param=train.batch_size = 64",
+    "--gin_param=train.epochs = 2",
+    "--gin_param=train.verbose = 0",
+    "--gin_param=model.overrides = {'blocks_per_stage': 1}",
+]
+
+
+def rewrite_record(record_file, index, edit):
+    """Rewrites example `index` of a TFRecord file through `edit(tf.train.Example)`;
+    the file stays well-formed (checksums recomputed), only the content changes."""
+    import tensorflow as tf
+
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(record_file))]
+    example = tf.train.Example.FromString(records[index])
+    edit(example)
+    records[index] = example.SerializeToString()
+    with tf.io.TFRecordWriter(str(record_file)) as writer:
+        for r in records:
+            writer.write(r)

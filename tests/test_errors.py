@@ -12,17 +12,9 @@ import shutil
 import keras
 import pytest
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, TINY_RUN_ARGS, rewrite_record, run_cli
 
-TINY = [
-    "--gin_file=gin/quickstart.gin",
-    "--gin_param=dataset.train_split = 'train[:128]'",
-    "--gin_param=dataset.eval_split = 'test[:64]'",
-    "--gin_param=train.batch_size = 64",
-    "--gin_param=train.epochs = 2",
-    "--gin_param=train.verbose = 0",
-    "--gin_param=model.overrides = {'blocks_per_stage': 1}",
-]
+TINY = TINY_RUN_ARGS
 
 
 def run_main(*args, timeout=900):
@@ -123,20 +115,6 @@ def sample_copy(tmp_path):
     shutil.copytree(os.path.join(REPO_ROOT, "quickstart_data"), data)
     (record,) = [p for p in (data / "cifar10_jpeg" / "1.0.0").iterdir() if "train.tfrecord" in p.name]
     return data, record
-
-
-def rewrite_record(record_file, index, edit):
-    """Rewrites example `index` of a TFRecord file through `edit(tf.train.Example)`;
-    the file stays well-formed (checksums recomputed), only the content changes."""
-    import tensorflow as tf
-
-    records = [r.numpy() for r in tf.data.TFRecordDataset(str(record_file))]
-    example = tf.train.Example.FromString(records[index])
-    edit(example)
-    records[index] = example.SerializeToString()
-    with tf.io.TFRecordWriter(str(record_file)) as writer:
-        for r in records:
-            writer.write(r)
 
 
 def test_corrupt_record_is_reported_as_corrupt_input(tmp_path):

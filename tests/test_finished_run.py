@@ -12,17 +12,9 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, TINY_RUN_ARGS, run_cli
 
-TINY = [
-    "--gin_file=gin/quickstart.gin",
-    "--gin_param=dataset.train_split = 'train[:128]'",
-    "--gin_param=dataset.eval_split = 'test[:64]'",
-    "--gin_param=train.batch_size = 64",
-    "--gin_param=train.epochs = 2",
-    "--gin_param=train.verbose = 0",
-    "--gin_param=model.overrides = {'blocks_per_stage': 1}",
-]
+TINY = TINY_RUN_ARGS
 
 
 @pytest.fixture(scope="module")

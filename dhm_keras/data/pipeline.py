@@ -302,6 +302,14 @@ class SplitExamples:
     count: int  # examples in the split; negative if unknown
 
 
+def check_split(name: str, split: str, data_dir: Optional[str] = None) -> None:
+    """Before a run writes anything: the dataset is prepared and every record
+    file `split` reads exists (`DatasetNotFoundError`, `MissingDataFileError`)."""
+    builder = _builder(name, data_dir)
+    files = [path for path, _, _ in _split_shards(builder, split)]
+    input_errors.require_files(files, f"split {split!r} of {name}")
+
+
 def read_split(
     name: str,
     split: str,

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from dhm_keras import errors
+from dhm_keras import heads
 from dhm_keras import models
 from dhm_keras.data import augment
 from dhm_keras.data.input_errors import input_errors_are_clear
@@ -41,6 +42,9 @@ def check_image_size(image_size) -> Optional[tuple]:
 @task_factory.register_task("image_classification")
 class ImageClassificationTask(base_task.Task):
     """A TFDS dataset with `image` and `label` features."""
+
+    # Every head's accuracies are recorded; the main head's top-1 picks "best".
+    scoring = base_task.Scoring(result_metrics=("top1/", "top5/"), score_metrics=(f"top1/{heads.MAIN}",))
 
     def __init__(self, config):
         super().__init__(config)
@@ -87,6 +91,12 @@ class ImageClassificationTask(base_task.Task):
                 "larger split or a smaller train.batch_size"
             )
         return examples // train.batch_size
+
+    def check_inputs(self, training: bool) -> None:
+        dataset = self.config.dataset
+        splits = [dataset.train_split, dataset.eval_split] if training else [dataset.eval_split]
+        for split in splits:
+            pipeline.check_split(dataset.name, split, dataset.data_dir)
 
     def _common(self) -> dict:
         dataset, train = self.config.dataset, self.config.train

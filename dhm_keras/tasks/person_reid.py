@@ -30,17 +30,11 @@ class PersonReidTask(ImageClassificationTask):
             raise ValueError("dataset.label_noise is not supported for re-ID datasets")
         return reid_data.reid_info(dataset.name, dataset.data_dir)
 
+    def check_inputs(self, training: bool) -> None:
+        del training  # reid_info (dataset_info) has listed every folder already
+
     def _split(self, split: str, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
-        dataset, train = self.config.dataset, self.config.train
-        options = dict(
-            data_dir=dataset.data_dir,
-            global_batch_size=train.batch_size,
-            seed=train.seed,
-            image_size=self.image_shape()[:2],
-            cache=dataset.cache,
-            mean=dataset.mean,
-            std=dataset.std,
-        )
+        dataset, options = self.config.dataset, self._common()
         if training:
             return reid_data.make_reid_training_stream(
                 dataset.name, split, first_epoch=first_epoch, padding=dataset.padding,

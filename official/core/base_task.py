@@ -25,13 +25,13 @@ class Scoring:
     """Which logged metrics a run's results record, and which one "best" maximises.
 
     `result_metrics` are matched as prefixes of the log names without the
-    "val_" prefix ("top1/" matches "top1/b0"); `score_metrics` are tried in
-    order and the first present is maximised. The default fits
-    classification scored by accuracy.
+    "val_" prefix ("top1" matches "top1" and "top1/head"); `score_metrics`
+    are tried in order and the first present is maximised. The default fits
+    a single-output classifier scored by accuracy.
     """
 
-    result_metrics: Sequence[str] = ("top1/", "top5/")
-    score_metrics: Sequence[str] = ("top1/b0",)
+    result_metrics: Sequence[str] = ("top1", "top5")
+    score_metrics: Sequence[str] = ("top1",)
 
     def pick(self, logs: dict, prefix: str = "") -> dict:
         """The entries of `logs` (optionally `prefix`ed) that are result metrics."""
@@ -76,6 +76,11 @@ class Task(abc.ABC):
         of (inputs, labels), `steps_per_epoch()` of them per epoch. Epoch e
         must depend only on the configured seed and e, so that a resumed run
         reads exactly what an uninterrupted one would."""
+
+    def check_inputs(self, training: bool) -> None:
+        """Fails early, before a run writes anything, when the data it will
+        read is missing (default: nothing to check)."""
+        del training
 
     @abc.abstractmethod
     def steps_per_epoch(self) -> int:

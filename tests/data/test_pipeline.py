@@ -30,6 +30,7 @@ from dhm_keras.data import (
     normalize,
     normalize_reference_np,
 )
+from conftest import rewrite_record
 from dhm_keras.data.input_errors import input_errors_are_clear
 from dhm_keras.errors import CorruptInputError, MissingDataFileError
 
@@ -264,13 +265,7 @@ def _damaged_copy(tmp_path, split, index=None, edit=None):
     shutil.copytree(QUICKSTART, tmp_path / "data")
     (record,) = (tmp_path / "data" / NAME / "1.0.0").glob(f"{NAME}-{split}.tfrecord-*")
     if edit is not None:
-        records = [r.numpy() for r in tf.data.TFRecordDataset(str(record))]
-        example = tf.train.Example.FromString(records[index])
-        edit(example)
-        records[index] = example.SerializeToString()
-        with tf.io.TFRecordWriter(str(record)) as writer:
-            for r in records:
-                writer.write(r)
+        rewrite_record(record, index, edit)
     return tmp_path / "data", record
 
 
