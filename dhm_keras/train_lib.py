@@ -176,7 +176,8 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
         callbacks += diagnostics_callbacks(exp, model_dir)
     callbacks.append(backup.save_point())
     validation = exp.eval_ds if evaluate else None
-    with input_errors_are_clear("training or evaluation"):
+    with input_errors_are_clear("training or evaluation"), \
+            distribute.lost_workers_raise(exp.strategy, errors.WorkerLostError):
         exp.model.fit(
             train_ds,
             epochs=train_cfg.epochs,

@@ -12,6 +12,7 @@ the way TF Model Garden and tf_keras' `distributed_file_utils` do.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -222,6 +223,45 @@ def worker_backup_dir(backup_dir: str, strategy: tf.distribute.Strategy) -> str:
             if not tf.io.gfile.isdir(source):
                 tf.io.gfile.copy(source, os.path.join(target, name), overwrite=True)
     return target
+
+
+# What a collective raises when a peer is gone: the health check's abort
+# (Unavailable), the collective timeout (DeadlineExceeded), a peer that
+# restarted (FailedPrecondition), or ops cancelled by either.
+_PEER_FAILURES = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
+
+
+@contextlib.contextmanager
+def lost_workers_raise(strategy: tf.distribute.Strategy, error_type: Callable[[str], Exception] = RuntimeError):
+    """Under several workers, a collective that fails because a peer is gone
+    becomes one `error_type` with a one-line message saying what to do.
+
+    TensorFlow reports a dead peer as an OpError with pages of traceback and
+    a message about collective keys; the user needs to know that a worker is
+    lost and that re-running every worker resumes. Other strategies and
+    other errors pass through unchanged.
+    """
+    if not is_multi_worker(strategy):
+        yield
+        return
+    try:
+        yield
+    except _PEER_FAILURES as e:
+        options = getattr(strategy.extended, "_communication_options", None)
+        timeout = getattr(options, "timeout_seconds", None)
+        limit = f"collective timeout {timeout:g} s" if timeout else "no collective timeout set"
+        detail = " ".join(str(e.message or e).split())[:240]
+        raise error_type(
+            f"lost contact with another worker of this {strategy.num_replicas_in_sync}-replica run "
+            f"({type(e).__name__}, {limit}: {detail}); start every worker again with the same command: "
+            "the run resumes from its last finished epoch"
+        ) from e
 
 
 def accepts_input_context(build_train_inputs: Callable) -> bool:
