@@ -32,6 +32,9 @@ def test_chief_stops_on_a_lost_worker_and_a_relaunch_resumes(tmp_path):
     assert codes[0] == 3, chief_log[-3000:]
     errors = [line for line in chief_log.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.match(r"error: WorkerLostError: .*worker", errors[0]), chief_log[-3000:]
+    # Within the configured time of the kill (slack for a loaded 2-core machine).
+    stopped_after = (outs[0] / "log.txt").stat().st_mtime - (outs[1] / "log.txt").stat().st_mtime
+    assert stopped_after < COLLECTIVE_TIMEOUT_S + 30, stopped_after
     results = json.loads((model_dir / "results.json").read_text())
     assert [e["epoch"] for e in results["history"]] == [1] and not results["completed"]
     assert (model_dir / "backup").is_dir()
@@ -46,6 +49,5 @@ def test_chief_stops_on_a_lost_worker_and_a_relaunch_resumes(tmp_path):
         np.testing.assert_array_equal(final[0][name], checkpoint[name], err_msg=name)
     results = json.loads((model_dir / "results.json").read_text())
     assert [e["epoch"] for e in results["history"]] == [1, 2] and results["completed"]
-    resumed = [line for line in (outs[0] / "log.txt").read_text().splitlines() if "estor" in line]
-    print(f"lost-worker run: {first_seconds:.0f} s until the chief stopped, relaunch {second_seconds:.0f} s; "
-          f"{resumed[:2]}")
+    print(f"lost-worker run: chief stopped {stopped_after:.0f} s after the kill, first attempt "
+          f"{first_seconds:.0f} s, relaunch {second_seconds:.0f} s")

@@ -237,6 +237,15 @@ _PEER_FAILURES = (
 )
 
 
+def _cause(message: str) -> str:
+    """The informative part of a TF graph-execution error: the text after the
+    "Detected at node ..." traceback block, on one line, at most 240 chars."""
+    lines = message.splitlines()
+    block = [i for i, line in enumerate(lines) if line.startswith(("Detected at node", "  File ", "    "))]
+    rest = [line.strip() for line in lines[block[-1] + 1:] if line.strip()] if block else lines
+    return " ".join(" ".join(rest).split())[:240]
+
+
 @contextlib.contextmanager
 def lost_workers_raise(strategy: tf.distribute.Strategy, error_type: Callable[[str], Exception] = RuntimeError):
     """Under several workers, a collective that fails because a peer is gone
@@ -256,7 +265,7 @@ def lost_workers_raise(strategy: tf.distribute.Strategy, error_type: Callable[[s
         options = getattr(strategy.extended, "_communication_options", None)
         timeout = getattr(options, "timeout_seconds", None)
         limit = f"collective timeout {timeout:g} s" if timeout else "no collective timeout set"
-        detail = " ".join(str(e.message or e).split())[:240]
+        detail = _cause(str(e.message or e))
         raise error_type(
             f"lost contact with another worker of this {strategy.num_replicas_in_sync}-replica run "
             f"({type(e).__name__}, {limit}: {detail}); start every worker again with the same command: "
