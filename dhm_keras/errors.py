@@ -69,3 +69,11 @@ class CorruptInputError(UserError, RuntimeError):
 
 class MissingDataFileError(UserError, FileNotFoundError):
     """A file of a prepared dataset is missing: the dataset must be prepared again."""
+
+
+class WorkerLostError(UserError, RuntimeError):
+    """Another worker of a multi-worker run stopped answering (a preempted or
+    crashed machine): this one stops too, instead of waiting forever in a
+    collective. Re-running every worker with the same command resumes."""
+
+    exit_code = 3

@@ -158,7 +158,8 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
     )
     with exp.strategy.scope():
         exp.model.optimizer.build(exp.model.trainable_variables)
-    train_ds = exp.task.build_train_inputs(backup.restore(exp.model))
+    # Across workers each builds its own share (distribute.train_inputs).
+    train_ds = distribute.train_inputs(exp.strategy, exp.task.build_train_inputs, backup.restore(exp.model))
     checkpoint_dir = path(model_dir_lib.CHECKPOINT_DIR)
     callbacks = [backup, BernoulliBranchSampler(train_cfg.seed), dhm_callbacks.NonFiniteLossGuard(checkpoint_dir)]
     if evaluate:  # before the writers, so that they see the task's val_ metrics
@@ -176,9 +177,10 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
         callbacks += diagnostics_callbacks(exp, model_dir)
     callbacks.append(backup.save_point())
     validation = exp.eval_ds if evaluate else None
-    with input_errors_are_clear("training or evaluation"):
+    with input_errors_are_clear("training or evaluation"), \
+            distribute.lost_workers_raise(exp.strategy, errors.WorkerLostError):
         exp.model.fit(
-            distribute.shard_by_data(train_ds),
+            train_ds,
             epochs=train_cfg.epochs,
             steps_per_epoch=exp.task.steps_per_epoch(),
             validation_data=distribute.shard_by_data(validation) if validation is not None else None,

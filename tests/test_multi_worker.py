@@ -5,6 +5,11 @@ tmp_path) that parses the Gin bindings the CLI would, records every file the
 worker writes, and dumps the worker's final weights outside the model
 directory. Checks: both finish, both end with identical weights (equal to the
 chief's last checkpoint), and only the chief writes into model_dir.
+
+`run_workers` is shared with tests/test_input_sharding.py and
+tests/test_lost_worker.py: the driver can also record what each worker's
+training stream holds (DHM_TEST_RECORD_INPUTS) and SIGKILL its own process
+at a given (epoch, batch) (DHM_TEST_KILL_AT), a preempted machine.
 """
 
 import json
@@ -50,22 +55,79 @@ DRIVER = textwrap.dedent(
         real_backup_init(self, backup_dir, *args, **kwargs)
     keras.callbacks.BackupAndRestore.__init__ = recording_backup_init
 
+    kill_at = os.environ.get("DHM_TEST_KILL_AT")
+    if kill_at:  # "epoch,batch" (0-based): die there like a preempted machine
+        import signal
+        kill_epoch, kill_batch = (int(v) for v in kill_at.split(","))
+        class Preempted(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+            def on_train_batch_begin(self, batch, logs=None):
+                if (self.epoch, batch) == (kill_epoch, kill_batch):
+                    print("DRIVER KILLING ITSELF", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        real_fit = keras.Model.fit
+        def fit_then_die(self, *args, **kwargs):
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [Preempted()]
+            return real_fit(self, *args, **kwargs)
+        keras.Model.fit = fit_then_die
+
     from dhm_keras import main, train_lib
-    captured = {}
+    from dhm_keras.data import pipeline
+    captured = {"contexts": [], "reads": []}
+    real_read_split = pipeline.read_split
+    def recording_read_split(*args, **kwargs):
+        read = real_read_split(*args, **kwargs)
+        mine = read.shards[read.worker::read.workers]
+        captured["reads"].append({"workers": read.workers, "worker": read.worker,
+                                  "files": [os.path.basename(f) for f, _, _ in mine],
+                                  "all_files": [os.path.basename(f) for f, _, _ in read.shards]})
+        return read
+    pipeline.read_split = recording_read_split
     build = train_lib.build_experiment
     def capture(*args, **kwargs):
-        captured["exp"] = build(*args, **kwargs)
-        return captured["exp"]
+        captured["exp"] = exp = build(*args, **kwargs)
+        real_inputs = exp.task.build_train_inputs
+        def recording_inputs(first_epoch=0, input_context=None):
+            captured["contexts"].append(input_context)
+            return real_inputs(first_epoch, input_context=input_context)
+        exp.task.build_train_inputs = recording_inputs
+        return exp
     train_lib.build_experiment = capture
 
+    def real_inputs_of(exp):
+        return type(exp.task).build_train_inputs.__get__(exp.task)
+
     main.parse_gin([], json.loads(os.environ["DHM_TEST_BINDINGS"]))
-    result = train_lib.train(model_dir)
+    from dhm_keras.errors import UserError
+    try:
+        result = train_lib.train(model_dir)
+    except UserError as error:  # as dhm_keras.main reports it
+        print(f"error: {type(error).__name__}: {error}", flush=True)
+        sys.exit(error.exit_code)
     exp = captured["exp"]
     assert exp.strategy.num_replicas_in_sync == 2, exp.strategy.num_replicas_in_sync
     real_save(exp.model, os.path.join(out, "final.weights.h5"))
+    report = {"writes": writes, "backup_dirs": backup_dirs, "result": result, "chief": bool(result),
+              "reads": captured["reads"],
+              "contexts": [None if c is None else [c.num_input_pipelines, c.input_pipeline_id]
+                           for c in captured["contexts"]]}
+    if os.environ.get("DHM_TEST_RECORD_INPUTS"):
+        # What this worker's stream holds in epochs 1 and 2 (images hashed; the
+        # test trains without augmentation, so an image is its example's identity).
+        import hashlib, numpy as np
+        def identities(ds, batches):
+            out = []
+            for images, _ in ds.take(batches):
+                out += [hashlib.md5(np.round(x, 4).tobytes()).hexdigest() for x in images.numpy()]
+            return out
+        steps = exp.task.steps_per_epoch()
+        context = captured["contexts"][0]
+        stream = identities(real_inputs_of(exp)(0, input_context=context), 2 * steps)
+        report["epochs"] = [stream[:len(stream) // 2], stream[len(stream) // 2:]]
+        report["whole_split"] = identities(real_inputs_of(exp)(0), steps)
     with real_open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"writes": writes, "backup_dirs": backup_dirs, "result": result,
-                   "chief": bool(result)}, f)
+        json.dump(report, f)
     print("DRIVER DONE")
     """
 )
@@ -109,20 +171,26 @@ def h5_arrays(path):
     return arrays
 
 
-def run_workers(tmp_path):
+def run_workers(tmp_path, binding_list=None, attempt="", worker_env=None, expect=(0, 0)):
+    """Starts two local workers of one run in tmp_path/model_dir and waits for
+    both; `worker_env` {index: {variable: value}} adds to one worker's
+    environment; `expect` is the exit codes required (None: any). Returns
+    (model_dir, [each worker's output dir], exit codes, seconds)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     model_dir = tmp_path / "model_dir"
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs, outs, logs = [], [], []
+    started = time.monotonic()
     for index in range(2):
-        out = tmp_path / f"worker{index}"
+        out = tmp_path / f"worker{index}{attempt}"
         out.mkdir()
         env = {
             **os.environ,
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            "DHM_TEST_BINDINGS": json.dumps(bindings(REPO_ROOT / "quickstart_data")),
+            "DHM_TEST_BINDINGS": json.dumps(binding_list or bindings(REPO_ROOT / "quickstart_data")),
+            **(worker_env or {}).get(index, {}),
         }
         log = open(out / "log.txt", "w")
         procs.append(subprocess.Popen(
@@ -134,8 +202,10 @@ def run_workers(tmp_path):
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while any(p.poll() is None for p in procs):
-            # One failed worker would leave the other waiting in a collective: stop early.
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+            # One failed worker would leave the other waiting in a collective: stop early
+            # (unless failures are expected: then the survivor must stop by itself).
+            failed = any(p.poll() not in (None, 0) for p in procs)
+            if time.monotonic() > deadline or (failed and expect is not None):
                 break
             time.sleep(1)
     finally:
@@ -145,15 +215,17 @@ def run_workers(tmp_path):
                 p.wait()
         for log in logs:
             log.close()
+    seconds = time.monotonic() - started
     codes = [p.returncode for p in procs]
     tails = "\n".join(f"--- worker {i} (rc {c}) ---\n" + (o / "log.txt").read_text()[-3000:]
                       for i, (c, o) in enumerate(zip(codes, outs)))
-    assert codes == [0, 0], tails
-    return model_dir, outs
+    if expect is not None:
+        assert codes == list(expect), tails
+    return model_dir, outs, codes, seconds
 
 
 def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
-    model_dir, (chief_out, worker_out) = run_workers(tmp_path)
+    model_dir, (chief_out, worker_out), _, _ = run_workers(tmp_path)
     chief = json.loads((chief_out / "report.json").read_text())
     worker = json.loads((worker_out / "report.json").read_text())
     assert chief["chief"] and not worker["chief"]

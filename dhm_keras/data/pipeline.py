@@ -65,6 +65,19 @@ Design choices, and why:
   permutation each epoch, like a PyTorch sampler); larger ones are permuted
   in windows of 10,000 examples, like a bounded shuffle buffer (see
   `_default_shuffle_buffer`).
+* Across several workers (a `tf.distribute.InputContext` from
+  `distribute_datasets_from_function`), each worker reads a disjoint set of
+  the split's record files (TFDS `ReadConfig(input_context=...)`: files
+  i, i+N, i+2N, ... go to worker i), so decoding work per worker falls as
+  1/N. Its share is fixed; its order and crops in epoch e are drawn from
+  (seed, e, worker) (`_worker_seed`), so a resumed worker reads what it
+  would have read, and every worker gives the same number of per-replica
+  batches per epoch (collectives pair them up step by step). A split with
+  fewer files than workers, `take`, or `label_noise` (keyed by the position
+  in the WHOLE split, which a worker reading only some files does not see)
+  fall back to DATA sharding with one logged line saying why: every worker
+  reads the whole split in the single-process order and keeps its rows of
+  each global batch.
 * Batches are GLOBAL: `tf.distribute` splits each one across replicas.
   Training drops the remainder so that every step has the same shape (no
   retracing, equal per-replica batches); evaluation keeps every example.
@@ -82,12 +95,14 @@ Design choices, and why:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from dhm_keras.data import augment as augment_lib
 from dhm_keras.data import epochs as epochs_lib
@@ -299,7 +314,42 @@ class SplitExamples:
     split: str
     # Examples permuted together in training (see `_default_shuffle_buffer`).
     window: int
-    count: int  # examples in the split; negative if unknown
+    count: int  # examples `examples` yields; negative if unknown
+    # File sharding: this reader holds worker `worker`'s files of `workers`
+    # (1: the whole split), and `split_count` examples are in the whole split.
+    workers: int = 1
+    worker: int = 0
+    split_count: int = -1
+
+
+def _file_sharding(shards: tuple, input_context, take, label_noise: float) -> Tuple[int, int, Optional[str]]:
+    """(workers, this worker, why not) for reading `shards` under `input_context`.
+
+    (N, i, None) when worker i of N can read files i, i+N, ... on its own;
+    (1, 0, reason) when it must read the whole split, reason None when there
+    is only one input pipeline anyway.
+    """
+    if input_context is None or input_context.num_input_pipelines <= 1:
+        return 1, 0, None
+    workers = int(input_context.num_input_pipelines)
+    if take is not None:
+        return 1, 0, "`take` keeps the first examples of the whole split"
+    if label_noise:
+        return 1, 0, ("label_noise is keyed by an example's position in the whole split, "
+                      "which a worker reading only some files does not know")
+    if len(shards) < workers:
+        return 1, 0, f"the split has {len(shards)} record file(s), fewer than the {workers} workers"
+    return workers, int(input_context.input_pipeline_id), None
+
+
+def _worker_seed(seed: int, worker: int, workers: int) -> int:
+    """The seed of worker `worker`'s order and crops: `seed` itself for a
+    single reader (single-process runs are unchanged), otherwise a hash of
+    (seed, worker), so workers shuffle differently but reproducibly."""
+    if workers <= 1:
+        return int(seed)
+    digest = hashlib.sha256(f"dhm-worker/{int(seed)}/{int(worker)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def check_split(name: str, split: str, data_dir: Optional[str] = None) -> None:
@@ -321,6 +371,7 @@ def read_split(
     cache: bool = True,
     label_noise: float = 0.0,
     label_noise_seed: int = 0,
+    input_context: Optional[tf.distribute.InputContext] = None,
 ) -> SplitExamples:
     """Reads `split` in its fixed file order: decode (unless `encoded`),
     check every label against [0, C-1] as it leaves its record (before
@@ -329,6 +380,9 @@ def read_split(
 
     The order is fixed: label corruption is keyed by position, and the
     training order is drawn per epoch afterwards (`dhm_keras.data.epochs`).
+    With an `input_context` of several input pipelines, only this worker's
+    files are read when `_file_sharding` allows it (`workers` > 1 in the
+    result); positions in label errors then count within the worker's files.
     """
     builder = _builder(name, data_dir)
     shape, num_classes = _check_features(builder)
@@ -338,10 +392,16 @@ def read_split(
     shards = _split_shards(builder, split)
     # Before training starts, not at the first read of the missing shard.
     input_errors.require_files([path for path, _, _ in shards], description)
+    workers, worker, why_not = _file_sharding(shards, input_context, take, label_noise)
+    if why_not:
+        logging.info("input: every worker reads all of %s and keeps its rows of each global batch "
+                     "(DATA sharding): %s", description, why_not)
     ds = builder.as_dataset(
         split=split,
         shuffle_files=False,
-        read_config=tfds.ReadConfig(try_autocache=False),  # we cache ourselves, after decoding
+        read_config=tfds.ReadConfig(  # we cache ourselves, after decoding
+            try_autocache=False, input_context=input_context if workers > 1 else None
+        ),
         # ImageNet path: keep the bytes; imagenet.py decodes (only the crop).
         decoders={"image": tfds.decode.SkipDecoding()} if encoded else None,
     )
@@ -357,6 +417,9 @@ def read_split(
         return image, label
 
     ds = ds.enumerate().map(to_pair, num_parallel_calls=AUTOTUNE)
+    split_count = sum(n for _, _, n in shards) if shards else -1
+    if workers > 1:  # TFDS does not know the size of one worker's share
+        ds = ds.apply(tf.data.experimental.assert_cardinality(sum(n for _, _, n in shards[worker::workers])))
     if take is not None:
         ds = ds.take(take)
     if label_noise:
@@ -371,8 +434,11 @@ def read_split(
     image_shape = tuple(hw or shape[:2]) + (3,)
     count = int(ds.cardinality())
     window = _default_shuffle_buffer(count, image_shape)
+    if workers == 1:
+        split_count = count
     return SplitExamples(
-        ds, hw, encoded, num_classes, image_shape, description, shards, builder, split, window, count
+        ds, hw, encoded, num_classes, image_shape, description, shards, builder, split, window, count,
+        workers, worker, split_count,
     )
 
 
@@ -551,24 +617,76 @@ def make_training_stream(
     label_noise: float = 0.0,
     label_noise_seed: int = 0,
     augmentation: str = "pad_crop_flip",
+    input_context: Optional[tf.distribute.InputContext] = None,
 ) -> tf.data.Dataset:
     """Training epochs `first_epoch`, `first_epoch + 1`, ... back to back,
     endlessly; each is exactly `make_dataset(training=True, epoch=e)`'s
     batches (whole batches only). Read with `fit(steps_per_epoch=...)`: a
     run resumed at epoch k starts the stream at k and reads what an
-    uninterrupted run reads. Arguments as for `make_dataset`."""
+    uninterrupted run reads. Arguments as for `make_dataset`.
+
+    `input_context` (from `distribute_datasets_from_function`): this
+    worker's stream of PER-REPLICA batches, `steps` = (examples in the
+    split) // global_batch_size per local replica and epoch on every worker.
+    By file when the split allows it: the worker's files, permuted per
+    (seed, epoch, worker), their first steps x per-replica x local-replicas
+    examples (wrapping around if the worker's files hold fewer); otherwise
+    by data: this worker's rows of the single-process stream's global batches.
+    """
     hw, encoded, mean, std = _checked_arguments(
         name, global_batch_size, padding, label_noise, augmentation, None, image_size, True, mean, std
     )
     read = read_split(
         name, split, data_dir=data_dir, hw=hw, encoded=encoded, take=take, cache=cache,
-        label_noise=label_noise, label_noise_seed=label_noise_seed,
+        label_noise=label_noise, label_noise_seed=label_noise_seed, input_context=input_context,
     )
     seed = _training_seed(seed)
+    if input_context is None:
+        def one_epoch(epoch):
+            ds = training_epoch(read, epoch, seed=seed, augmentation=augmentation, padding=padding,
+                                shuffle_buffer=shuffle_buffer)
+            return batch_and_normalize(ds, global_batch_size, True, mean, std)
+
+        return _finish(epochs_lib.stream(one_epoch, first_epoch), read, deterministic=True)
+    return _finish(
+        _worker_stream(read, input_context, first_epoch, global_batch_size, seed=seed, augmentation=augmentation,
+                       padding=padding, shuffle_buffer=shuffle_buffer, mean=mean, std=std),
+        read, deterministic=True,
+    )
+
+
+def _worker_stream(read: SplitExamples, context, first_epoch: int, global_batch_size: int, *, seed: int,
+                   augmentation: str, padding: int, shuffle_buffer: Optional[int], mean, std) -> tf.data.Dataset:
+    """One worker's endless stream of per-replica batches (see `make_training_stream`)."""
+    per_replica = context.get_per_replica_batch_size(global_batch_size)
+    local_replicas = max(1, context.num_replicas_in_sync // context.num_input_pipelines)
+    per_worker = per_replica * local_replicas  # this worker's rows of each global batch
+    steps = read.split_count // global_batch_size
+    if read.workers > 1:
+        worker_seed = _worker_seed(seed, read.worker, read.workers)
+        needed = steps * per_worker
+        if read.count < needed:
+            logging.warning("input: worker %d's files hold %d examples, fewer than the %d it takes per epoch "
+                            "(files of unequal size); it wraps around", read.worker, read.count, needed)
+
+        def one_epoch(epoch):
+            ds = training_epoch(read, epoch, seed=worker_seed, augmentation=augmentation, padding=padding,
+                                shuffle_buffer=shuffle_buffer)
+            if read.count < needed:
+                ds = ds.repeat()
+            return batch_and_normalize(ds, per_replica, True, mean, std).take(steps * local_replicas)
+
+        return epochs_lib.stream(one_epoch, first_epoch)
+
+    first_row = int(context.input_pipeline_id) * per_worker
 
     def one_epoch(epoch):
         ds = training_epoch(read, epoch, seed=seed, augmentation=augmentation, padding=padding,
                             shuffle_buffer=shuffle_buffer)
-        return batch_and_normalize(ds, global_batch_size, True, mean, std)
+        ds = batch_and_normalize(ds, global_batch_size, True, mean, std)
+        ds = ds.map(lambda x, y: (x[first_row:first_row + per_worker], y[first_row:first_row + per_worker]))
+        if local_replicas > 1:
+            ds = ds.rebatch(per_replica, drop_remainder=True)
+        return ds
 
-    return _finish(epochs_lib.stream(one_epoch, first_epoch), read, deterministic=True)
+    return epochs_lib.stream(one_epoch, first_epoch)

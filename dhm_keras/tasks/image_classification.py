@@ -110,12 +110,17 @@ class ImageClassificationTask(base_task.Task):
             std=dataset.std,
         )
 
-    def build_train_inputs(self, first_epoch: int = 0) -> tf.data.Dataset:
+    def build_train_inputs(
+        self, first_epoch: int = 0, input_context: Optional[tf.distribute.InputContext] = None
+    ) -> tf.data.Dataset:
+        """Seeded epochs from `first_epoch`; with `input_context`, this worker's
+        files of the split (see `pipeline.make_training_stream`)."""
         dataset, train = self.config.dataset, self.config.train
         return pipeline.make_training_stream(
             dataset.name,
             dataset.train_split,
             first_epoch=first_epoch,
+            input_context=input_context,
             augmentation=dataset.augmentation,
             padding=dataset.padding,
             label_noise=dataset.label_noise,

@@ -71,11 +71,21 @@ class Task(abc.ABC):
         `num_examples(split)`."""
 
     @abc.abstractmethod
-    def build_train_inputs(self, first_epoch: int = 0) -> tf.data.Dataset:
+    def build_train_inputs(
+        self, first_epoch: int = 0, input_context: Optional[tf.distribute.InputContext] = None
+    ) -> tf.data.Dataset:
         """The training stream from 0-based epoch `first_epoch` on: batches
         of (inputs, labels), `steps_per_epoch()` of them per epoch. Epoch e
         must depend only on the configured seed and e, so that a resumed run
-        reads exactly what an uninterrupted one would."""
+        reads exactly what an uninterrupted one would.
+
+        `input_context` is given only across several workers (the runner then
+        builds the stream through `distribute_datasets_from_function`, once
+        per worker): the stream is then this worker's, of PER-REPLICA batches
+        (`input_context.get_per_replica_batch_size`), `steps_per_epoch()`
+        per local replica and epoch on every worker, a function of (seed,
+        epoch, worker). A task may leave the argument out of its signature:
+        it then gets DATA sharding (every worker reads everything)."""
 
     def check_inputs(self, training: bool) -> None:
         """Fails early, before a run writes anything, when the data it will
