@@ -37,7 +37,9 @@ _MARKER = "share/dhm_keras/gin/quickstart.gin"  # one of the data files a wheel 
 def resource_roots() -> tuple[str, ...]:
     """Folders holding `gin/` and `quickstart_data/`, most specific first."""
     roots = []
-    if os.path.isdir(os.path.join(REPO_ROOT, "gin")):
+    # A checkout holds gin/quickstart.gin; an installed package's parent is
+    # site-packages, whose gin/ is the gin-config library.
+    if os.path.isfile(os.path.join(REPO_ROOT, "gin", "quickstart.gin")):
         roots.append(REPO_ROOT)
     try:
         from importlib import metadata
