@@ -29,7 +29,7 @@ What it does:
 4. Times `fit` steps of `models.build('resnet18', 1000, mode='dhm')` wrapped
    in `DHMModel` and compiled with the project's SGD (momentum 0.9, coupled
    weight decay), on synthetic 224x224 input, float32, no XLA (slower on
-   CPU, see keras3-notes.md), and prints pipeline/model rate ratios.
+   CPU, see docs/keras3-notes.md), and prints pipeline/model rate ratios.
 
 In step 2 tf.data runs with AUTOTUNE parallelism, on every core it may use;
 the per-CPU-second figures help to extrapolate to a bigger host (images/s

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HEADS = ("b0", "b1", "b2")
-# Reference parameter counts (architectures.md) for 100 classes.
+# Reference parameter counts (docs/models.md) for 100 classes.
 EXPECTED_PARAMS_100 = {"b0": 470_004, "b1": 1_379_428, "b2": 298_212}
 
 

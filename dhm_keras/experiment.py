@@ -19,7 +19,7 @@ from typing import Optional
 import gin
 
 from dhm_keras import config as cfg
-from dhm_keras import mimicking_graph
+from dhm_keras import gin_utils, mimicking_graph
 from official.modeling import optimization, performance
 
 
@@ -90,10 +90,17 @@ class ExperimentConfig:
 def from_gin(data_dir: Optional[str] = None) -> ExperimentConfig:
     """Reads the parsed Gin configuration once. `data_dir` (the --data_dir
     flag) overrides `dataset.data_dir`. Invalid values fail here, before a
-    run writes anything."""
+    run writes anything.
+
+    A relative data directory that does not exist under the working
+    directory is looked up in the repository (or installation) root, so that
+    `gin/quickstart.gin`'s `dataset.data_dir = 'quickstart_data'` works from
+    any directory (`gin_utils.resolve_path`); one that exists where the run
+    starts is kept exactly as written."""
     dataset = cfg.DatasetConfig()
+    data_dir = data_dir or dataset.data_dir
     if data_dir:
-        dataset = dataclasses.replace(dataset, data_dir=data_dir)
+        dataset = dataclasses.replace(dataset, data_dir=gin_utils.resolve_path(data_dir))
     config = ExperimentConfig(
         task=cfg.TaskConfig(),
         dataset=dataset,

@@ -13,7 +13,7 @@ Mixed precision: the heads' logits are cast to float32 before any loss or
 metric, so the cross-entropy and mimicking math never runs in float16/bfloat16.
 Under ``mixed_float16`` Keras wraps the optimizer in a `LossScaleOptimizer`,
 whose overflow test looks only at replica 0's gradients under
-`tf.distribute` (keras3-notes.md); `train_step` therefore all-reduces a
+`tf.distribute` (docs/keras3-notes.md); `train_step` therefore all-reduces a
 "some gradient is non-finite" count first and, if any replica overflowed,
 makes every replica's gradients NaN, so that every replica (and every worker)
 skips the step and halves the loss scale identically.

@@ -19,7 +19,7 @@ GIN_FILES = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin").rg
 EXPERIMENTS = [f for f in GIN_FILES if not Path(f).stem.endswith("_recipe")]
 
 
-# Recipes of method.md, per family (the experiments' shared *_recipe.gin fragments).
+# Recipes of docs/method.md, per family (the experiments' shared *_recipe.gin fragments).
 RECIPES = {
     "cifar100/resnet": dict(dataset="cifar100", epochs=164, batch_size=128, learning_rate=0.1,
                             weight_decay=1e-4, milestones=[81, 122], gamma=0.1),

@@ -1,4 +1,4 @@
-"""The DHM losses against an independent NumPy implementation of method.md."""
+"""The DHM losses against an independent NumPy implementation of docs/method.md."""
 
 import itertools
 

@@ -70,7 +70,7 @@ def test_one_step_matches_float32(data_and_weights, policy, loss_rtol, min_cosin
     logits = model.network(x[:2], training=False)
     assert all(z.dtype == tf.float32 for z in logits.values())
     # The update equals float32's: same direction and size. A custom step that forgot
-    # optimizer.scale_loss would make fp16 updates 32768x too small (keras3-notes.md).
+    # optimizer.scale_loss would make fp16 updates 32768x too small (docs/keras3-notes.md).
     ref_delta = np.concatenate([(a - b).ravel() for a, b in zip(ref_after, before)])
     delta = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
     cosine = ref_delta @ delta / (np.linalg.norm(ref_delta) * np.linalg.norm(delta))

@@ -32,7 +32,7 @@ def np_log_softmax(z):
 
 
 def np_objective(logits, labels, mode, alpha=1.0, T=1.0, teachers=None):
-    """The objective of method.md written independently in NumPy (float64).
+    """The objective of docs/method.md written independently in NumPy (float64).
 
     `teachers` (default: `logits`) supply the teacher distributions, so that
     a finite difference can hold them fixed like the stop-gradient does.

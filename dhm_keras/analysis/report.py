@@ -63,7 +63,7 @@ class Reference:
     bernoulli_p: Optional[float] = None
 
 
-# Reference numbers stated in the project spec method.md (from the supplement, arXiv
+# Reference numbers stated in docs/method.md (from the supplement, arXiv
 # 2003.10739). Appendix E states top-1 ACCURACY; it is converted here to error
 # (100 - accuracy, same std). The ImageNet rows are the authors' released models
 # (no std given). A run matches a row when dataset, model, mode and label noise are
@@ -348,7 +348,7 @@ def markdown_report(runs: Sequence[Run], head: str = "b0") -> str:
         "",
         "mean ± sample standard deviation over seeds (ddof=1; '-' = a single seed). "
         "'best': each run's epoch of highest validation top-1 of B0; 'last': its last "
-        "evaluated epoch. Paper numbers: the project spec method.md (supplement "
+        "evaluated epoch. Paper numbers: docs/method.md (supplement "
         "appendices; the ImageNet ones are the authors' released models).",
     ]
     if notes:

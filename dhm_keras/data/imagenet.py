@@ -1,6 +1,6 @@
 """ImageNet-style preprocessing: Inception random-resized crop, resize-and-centre-crop eval.
 
-The reference recipe (method.md) is torchvision's
+The reference recipe (docs/method.md) is torchvision's
 `RandomResizedCrop(224) + RandomHorizontalFlip` for training and
 `Resize(256) + CenterCrop(224)` for evaluation, on PIL images. This module
 reproduces both as pure TensorFlow functions that `pipeline.make_dataset`

@@ -26,9 +26,8 @@ _STATS: dict = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     # Krizhevsky CIFAR-100 train set.
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    # CIFAR-10 rebuilt from a lossy JPEG dump (see
-    # shared/tensorflow_datasets/README.md): pixels differ slightly, so its
-    # own statistics, measured on its 50,000 training images.
+    # CIFAR-10 rebuilt from a lossy JPEG dump (the dataset quickstart_data/
+    # samples): pixels differ slightly, so its own statistics, measured on its 50,000 training images.
     "cifar10_jpeg": ((0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)),
     # The torchvision / reference ImageNet values.
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

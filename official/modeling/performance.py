@@ -31,7 +31,7 @@ def resolve_jit_compile(setting, strategy) -> bool:
     "auto" enables XLA only for a single replica on a GPU: on this project's
     CPUs a ResNet-32 DHM step ran at 0.66x with XLA (docs/performance.md), and
     Keras' compiled step fails when it spans several replicas (see
-    keras3-notes.md).
+    docs/keras3-notes.md).
     """
     import tensorflow as tf
 

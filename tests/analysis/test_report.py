@@ -82,13 +82,13 @@ def test_grouping_and_statistics(runs):
     assert stats["last"]["top1"] == (pytest.approx(30.0), pytest.approx(math.sqrt(3.0)))
 
 
-def test_references_from_method_md():
+def test_references_from_docs_method_md():
     from dhm_keras.analysis.report import find_reference
 
     ref = find_reference(config(seed=4))
     assert ref.top1 == (pytest.approx(25.472), 0.433) and ref.source == "App. E"
     assert find_reference(config(mode="baseline", noise=0.5)).top1 == (pytest.approx(38.732), 0.311)
-    assert find_reference(config(noise=0.0)) is None  # plain WRN-28-10: not in method.md
+    assert find_reference(config(noise=0.0)) is None  # plain WRN-28-10: not in docs/method.md
     assert find_reference(config(noise=0.0, overrides={"dropout": 0.3})).top1 == (16.790, 0.110)
     assert find_reference(config("resnet32", noise=0.0, bernoulli_p=0.5)).top1 == (27.002, 0.316)
     assert find_reference(config("resnet32", noise=0.0)) is None

@@ -1,4 +1,4 @@
-"""Every backbone of architectures.md beyond the CIFAR ResNets: WRN, DenseNet, ImageNet
+"""Every backbone of docs/architectures.md beyond the CIFAR ResNets: WRN, DenseNet, ImageNet
 ResNet (with the optional B3) and MobileNet for re-identification.
 
 Each model is built ONCE, at its real input size and with the reference number of classes,
@@ -7,7 +7,7 @@ drops it before building the next, so only one big model is alive at a time. The
 step runs on a weight-sharing view of the same layers at a small spatial size where the
 architecture allows it (parameter counts do not depend on spatial size).
 
-Reference counts are the table of architectures.md (100 classes CIFAR, 1000 ImageNet);
+Reference counts are those of docs/models.md (100 classes CIFAR, 1000 ImageNet);
 B3 and MobileNet have no reference count and are derived by hand below, in plain Python
 written independently of the builder.
 """

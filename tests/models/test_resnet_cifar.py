@@ -1,6 +1,6 @@
 """CIFAR ResNets of Table 1 (resnet32/110/1202): structure, counts, numerics, I/O.
 
-Reference numbers come from architectures.md (the authors' PyTorch implementation); the
+Reference numbers come from docs/models.md (the authors' PyTorch implementation); the
 numerical checks compare against NumPy / tf.nn computations written here, independently
 of the Keras layers under test.
 """
@@ -19,7 +19,7 @@ from dhm_keras.models import ChannelZeroPad, build, head_names
 
 NUM_CLASSES = 100
 
-# Trainable parameters per head with 100 classes (architectures.md, reference counts).
+# Trainable parameters per head with 100 classes (docs/models.md, reference counts).
 EXPECTED = {
     "resnet32": {"b0": 470_004, "b1": 1_379_428, "b2": 298_212, "total": 2_147_644},
     "resnet110": {"b0": 1_733_812, "b1": 5_219_940, "b2": 816_356, "total": 7_770_108},
