@@ -187,6 +187,7 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
             validation_freq=evaluation_epochs(train_cfg.epochs, train_cfg.eval_every),
             callbacks=callbacks,
             verbose=train_cfg.verbose,
+            shuffle=False,  # each epoch is already permuted by (seed, epoch): data/epochs.py
         )
     if not chief:
         return {}

@@ -133,7 +133,6 @@ def test_startup_is_quiet(run_from_elsewhere):
     assert not noisy, f"start-up noise on stderr: {noisy}"
 
 
-@pytest.mark.xfail(strict=True, reason="needs shuffle=False in train_lib's model.fit (owned by another part of #16)")
 def test_no_keras_shuffle_warning(run_from_elsewhere):
     _, result = run_from_elsewhere
     assert result.returncode == 0, result.stderr[-3000:]

@@ -30,7 +30,7 @@ def test_readme_documents_the_multi_worker_imagenet_command():
     assert argv[:3] == ["python", "-m", "dhm_keras.main"]
     assert "--gin_file=gin/imagenet/resnet50_dhm.gin" in argv
     assert "--gin_param=get_strategy.name = 'multi_worker'" in argv
-    assert any(a.startswith("--model_dir=/shared/") for a in argv)
+    assert any(a.startswith("--model_dir=/mnt/nfs/") for a in argv)
     assert (REPO_ROOT / "gin" / "imagenet" / "resnet50_dhm.gin").exists()
 
 
