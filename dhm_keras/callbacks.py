@@ -15,6 +15,10 @@ which (unlike Keras' `TerminateOnNaN`, which lets the epoch end) keeps the
 epoch-end callbacks from saving the broken weights over the last good
 checkpoint and backup.
 
+`CollapseGuard` stops a run whose every head sits at the label prior after
+its first epoch (DHM at lr 0.1 without warm-up), the other way a run can go
+bad for good while every number stays finite.
+
 An epoch whose recorded numbers are not all finite is never "best" and never
 "good" (`sound`).
 """
@@ -30,7 +34,7 @@ import keras
 from absl import logging
 
 from dhm_keras import checkpoints
-from dhm_keras.errors import CheckpointError, NonFiniteLossError, UserError
+from dhm_keras.errors import CheckpointError, NonFiniteLossError, TrainingCollapsedError, UserError
 from dhm_keras.model_dir import (
     CHECKPOINT_DIR,
     RESULTS_FILE,
@@ -38,6 +42,7 @@ from dhm_keras.model_dir import (
     read_json,
     write_json_atomically,
 )
+from dhm_keras.progress import IntervalMeans
 from dhm_keras.tasks.image_classification import ImageClassificationTask
 from official.core import base_task
 
@@ -381,4 +386,106 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
             "(build_sgd.warmup_epochs) and start over in a new model directory, e.g. "
             f"--model_dir={model_dir}_retry: this one refuses a changed configuration (re-running "
             "the same command resumes from the last finished epoch with the same settings)."
+        )
+
+
+# The default check comes after one epoch, but never before this many steps:
+# in a normal run every head can sit near ln C for the first few dozen steps
+# (a tiny split of 8 steps per epoch would be judged too early).
+MIN_COLLAPSE_CHECK_STEPS = 30
+# How close to ln C a head's cross-entropy must be to count as the prior's.
+COLLAPSE_MARGIN = 0.05
+
+
+def collapse_guards(check_steps: Optional[int], steps_per_epoch: int, num_classes: int, batch_size: int,
+                    checkpoint_dir: Optional[str] = None) -> list:
+    """[CollapseGuard] for `train.collapse_check_steps` (None: one epoch, at least
+    MIN_COLLAPSE_CHECK_STEPS; 0: off), or [] when the check is off or pointless
+    (one class)."""
+    if check_steps == 0 or num_classes < 2:
+        return []
+    step = check_steps if check_steps is not None else max(steps_per_epoch, MIN_COLLAPSE_CHECK_STEPS)
+    return [CollapseGuard(num_classes, batch_size, step, checkpoint_dir=checkpoint_dir)]
+
+
+class CollapseGuard(keras.callbacks.Callback):
+    """Raises `TrainingCollapsedError` when, at step `check_step`, every head
+    predicts the label prior.
+
+    Measured with this project and with the reference PyTorch code alike:
+    DHM at lr 0.1 without warm-up diverges in its first steps (loss 9.6 ->
+    71 -> 187 on CIFAR-10), the ReLUs feeding the heads die, and every head
+    settles on the label prior, cross-entropy ln C and accuracy at chance,
+    for good; the run then spends its whole budget learning nothing, with
+    every number finite.
+
+    The test, on the means over the second half of the first `check_step`
+    steps (the divergence spikes of the first steps would otherwise hide the
+    plateau): every head's `ce/bK` within `margin` x ln C of ln C, and every
+    head's `top1/bK` no better than chance 1/C plus three standard errors of
+    a class frequency over the examples seen (a collapsed head always
+    predicts one class, right as often as that class occurs). A head that
+    learned anything fails the test, so one learning head is enough to go on.
+    Checked once; a resumed run already past `check_step` is not checked. The
+    error escapes `fit` before the epoch-end callbacks, so a collapsed epoch
+    is never saved.
+    """
+
+    def __init__(self, num_classes: int, batch_size: int, check_step: int, margin: float = COLLAPSE_MARGIN,
+                 checkpoint_dir: Optional[str] = None):
+        super().__init__()
+        self.num_classes, self.batch_size = int(num_classes), int(batch_size)
+        self.check_step, self.margin = int(check_step), float(margin)
+        self.window_start = self.check_step - max(1, self.check_step // 2)  # steps after this one count
+        self.checkpoint_dir = checkpoint_dir
+        self._means = IntervalMeans()
+        self._sums: dict = {}
+        self._count = 0
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self._means.reset()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.epoch * int(self.params.get("steps") or 0) + batch + 1
+        if step > self.check_step:
+            return
+        keys = [k for k in (logs or {}) if k.startswith(("ce/", "top1/"))]
+        values = self._means.update(batch, logs, keys)
+        if step <= self.window_start:
+            return
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        if step == self.check_step:
+            self.check(step)
+
+    def check(self, step: int) -> None:
+        """Raises if the means summed so far say that every head collapsed."""
+        if not self._count:
+            return
+        mean = {k: v / self._count for k, v in self._sums.items()}
+        heads = sorted(k[3:] for k in mean if k.startswith("ce/"))
+        if not heads or any(f"top1/{h}" not in mean for h in heads):
+            return
+        prior_ce, chance = math.log(self.num_classes), 1.0 / self.num_classes
+        tolerance = 3.0 * math.sqrt(chance * (1.0 - chance) / (self._count * self.batch_size))
+        for head in heads:
+            if abs(mean[f"ce/{head}"] - prior_ce) > self.margin * prior_ce:
+                return
+            if mean[f"top1/{head}"] > chance + tolerance:
+                return
+        ce = ", ".join(f"{h} {mean['ce/' + h]:.3f}" for h in heads)
+        top1 = ", ".join(f"{h} {mean['top1/' + h]:.3f}" for h in heads)
+        model_dir = os.path.dirname(os.path.normpath(self.checkpoint_dir)) if self.checkpoint_dir else None
+        retry = f" in a new model directory (e.g. --model_dir={model_dir}_retry; this one refuses a changed configuration)" if model_dir else ""
+        raise TrainingCollapsedError(
+            f"training collapsed: over steps {self.window_start + 1}-{step} every head's cross-entropy "
+            f"sat within {self.margin:.0%} of ln({self.num_classes}) = {prior_ce:.3f} ({ce}) and its top-1 "
+            f"accuracy at chance, 1/{self.num_classes} ({top1}): the network predicts the label prior for every image and "
+            "will not recover (an early divergence, typical of DHM at a high learning rate without "
+            "warm-up); stopped before saving this epoch. Start over with a learning-rate warm-up, "
+            "--gin_param='build_sgd.warmup_epochs = 1' (or a lower build_sgd.learning_rate)"
+            f"{retry}; train.collapse_check_steps = 0 turns this check off"
         )

@@ -117,11 +117,26 @@ class TrainConfig:
     # Cross-entropy label smoothing of every head (0 = off, as in the
     # reference recipes); the mimicking terms are unaffected.
     label_smoothing: float = 0.0
+    # What training prints to stdout (`dhm_keras.progress`): 0 nothing, 1 one
+    # compact line every `log_every_steps` steps (in a terminal: one line
+    # updated in place) and one line per epoch, 2 only the epoch lines. Never
+    # Keras' progress bar: 19 metrics with ANSI codes per step made ~51 MB of
+    # log for one Table 1 run.
     verbose: int = 1
-    # Epoch checkpoints to keep in checkpoints/: None keeps all; N keeps the
-    # newest N plus the best epoch's (results.json "best"). ResNet-50 DHM
-    # weights with optimizer slots are ~0.4 GB per epoch.
-    keep_checkpoints: Optional[int] = None
+    # Steps between progress lines and between the step-level TensorBoard
+    # scalars (step_loss, step_learning_rate, step_steps_per_second,
+    # step_images_per_second in logs/train).
+    log_every_steps: int = 100
+    # After this many optimizer steps (None: one epoch, at least
+    # `callbacks.MIN_COLLAPSE_CHECK_STEPS`), stop with TrainingCollapsedError
+    # if every head sits at the label prior (cross-entropy ln C, top-1 at
+    # chance); 0 turns the check off (`callbacks.CollapseGuard`).
+    collapse_check_steps: Optional[int] = None
+    # Epoch checkpoints to keep in checkpoints/: the newest N plus the best
+    # epoch's (results.json "best"); None keeps all. Bounded by default: a
+    # 200-epoch WRN-28-10 DHM run keeping all would write ~263 GB (1.3 GB per
+    # epoch with optimizer slots). Resuming never needs them (backup/ does).
+    keep_checkpoints: Optional[int] = 3
 
     def __post_init__(self):
         # Checked when the config is first read, before anything is written to
@@ -130,6 +145,16 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
+        if self.verbose not in (0, 1, 2) or isinstance(self.verbose, bool):
+            raise ValueError(f"train.verbose must be 0, 1 or 2, got {self.verbose!r}")
+        every = self.log_every_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"train.log_every_steps must be an integer >= 1, got {every!r}")
+        check = self.collapse_check_steps
+        if check is not None and (isinstance(check, bool) or not isinstance(check, int) or check < 0):
+            raise ValueError(
+                f"train.collapse_check_steps must be None (one epoch), 0 (off) or a positive integer, got {check!r}"
+            )
         keep = self.keep_checkpoints
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"train.keep_checkpoints must be None or an integer >= 1, got {keep!r}")

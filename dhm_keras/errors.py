@@ -61,6 +61,14 @@ class NonFiniteLossError(UserError, RuntimeError):
     exit_code = 3
 
 
+class TrainingCollapsedError(UserError, RuntimeError):
+    """Every head predicts the label prior (cross-entropy ln C, top-1 at chance):
+    training diverged early and will not recover; stopped instead of spending
+    the rest of the budget."""
+
+    exit_code = 3
+
+
 class CorruptInputError(UserError, RuntimeError):
     """A record of the input data cannot be read or decoded."""
 

@@ -14,6 +14,7 @@ Layout:
   backup/                            resume state after a kill
   logs/train, logs/validation        TensorBoard event files
   export/<version>/                  SavedModel of the main branch b0
+  export/<version>/assets.extra/export_source.json   the checkpoint it was made from
   run.lock                           while a run trains or exports here: its host and PID
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -41,10 +43,14 @@ BACKUP_DIR = "backup"
 LOG_DIR = "logs"
 EXPORT_DIR = "export"
 LOCK_FILE = "run.lock"
+# Inside an export version: what it was exported from (see `export_source`).
+EXPORT_SOURCE_FILE = "export_source.json"
+EXPORT_EXTRA_DIR = "assets.extra"
 
 # Configuration fields that describe how a run executes, not what it learns:
-# where the data lives, whether it is cached, how chatty the log is, how many
-# checkpoints are kept, XLA and op determinism. They may change between
+# where the data lives, whether it is cached, how chatty the log is and how
+# often it logs, how many checkpoints are kept, the early-collapse check, XLA
+# and op determinism. They may change between
 # attempts on one model directory, and runs that differ only in them are the
 # same experiment. (The strategy is not recorded at all, so a run may resume
 # on another number of devices with the same global batch.)
@@ -55,6 +61,8 @@ EXECUTION_FIELDS = frozenset({
     "train.jit_compile",
     "train.deterministic",
     "train.keep_checkpoints",
+    "train.log_every_steps",
+    "train.collapse_check_steps",
 })
 
 # Fields an export or an evaluation may set differently from the run it reads:
@@ -149,6 +157,41 @@ def latest_checkpoint(model_dir: str) -> Optional[str]:
     """The newest epoch checkpoint of the run in `model_dir`, or None."""
     saved = epoch_checkpoints(path(model_dir, CHECKPOINT_DIR))
     return saved[max(saved)] if saved else None
+
+
+def newest_export(model_dir: str) -> Optional[str]:
+    """`<model_dir>/export/<largest version number>`, or None."""
+    export_dir = path(model_dir, EXPORT_DIR)
+    if not os.path.isdir(export_dir):
+        return None
+    versions = [int(n) for n in os.listdir(export_dir) if n.isdigit()]
+    return os.path.join(export_dir, str(max(versions))) if versions else None
+
+
+def file_sha256(file_path: str) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(file_path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def export_source(checkpoint: str) -> dict:
+    """What an export records about the checkpoint it was made from: its path
+    and the SHA-256 of its bytes (a copied or moved run still matches)."""
+    return {"checkpoint": os.path.abspath(checkpoint), "sha256": file_sha256(checkpoint)}
+
+
+def exported_from(version_dir: str) -> dict:
+    """The `export_source` an export version recorded ({} for exports made
+    before it was recorded, or if the record is unreadable)."""
+    try:
+        with open(os.path.join(version_dir, EXPORT_EXTRA_DIR, EXPORT_SOURCE_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def flatten(config: dict) -> Dict[str, object]:

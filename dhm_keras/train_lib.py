@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from typing import Optional
 
@@ -25,6 +26,7 @@ from dhm_keras import checkpoints as dhm_checkpoints
 from dhm_keras import experiment as experiment_lib
 from dhm_keras import errors
 from dhm_keras import model_dir as model_dir_lib
+from dhm_keras import progress
 from dhm_keras import run_history
 from dhm_keras import tasks
 from dhm_keras.data.input_errors import input_errors_are_clear
@@ -138,7 +140,7 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
         logging.info("%s already holds a finished run; nothing to train.", model_dir)
         if not chief:
             return {}
-        exported = export(model_dir, experiment=exp)
+        exported = export_unless_current(exp, model_dir)
         results["export"] = exported["export"]  # the newest version, as after training
         model_dir_lib.write_json_atomically(path(model_dir_lib.RESULTS_FILE), results)
         return {**results, **exported}
@@ -162,12 +164,23 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
     train_ds = distribute.train_inputs(exp.strategy, exp.task.build_train_inputs, backup.restore(exp.model))
     checkpoint_dir = path(model_dir_lib.CHECKPOINT_DIR)
     callbacks = [backup, BernoulliBranchSampler(train_cfg.seed), dhm_callbacks.NonFiniteLossGuard(checkpoint_dir)]
+    callbacks += dhm_callbacks.collapse_guards(
+        train_cfg.collapse_check_steps, exp.task.steps_per_epoch(), exp.task.dataset_info().num_classes,
+        train_cfg.batch_size, checkpoint_dir,
+    )
     if evaluate:  # before the writers, so that they see the task's val_ metrics
         callbacks += exp.task.evaluation_callbacks(train_cfg.eval_every)
+    every = train_cfg.log_every_steps
+    callbacks.append(progress.ProgressLogger(
+        train_cfg.batch_size, every, train_cfg.verbose,
+        eval_metrics=(*progress.EVAL_METRICS, *exp.task.scoring.score_metrics, *exp.task.scoring.result_metrics),
+    ))
     if chief:
+        log_dir = path(model_dir_lib.LOG_DIR)
         callbacks += [
             dhm_checkpoints.EpochCheckpoint(checkpoint_dir),
-            keras.callbacks.TensorBoard(path(model_dir_lib.LOG_DIR), update_freq="epoch"),
+            progress.EpochTensorBoard(log_dir, update_freq="epoch"),
+            progress.StepSummaries(os.path.join(log_dir, "train"), train_cfg.batch_size, every, gin.config_str()),
             dhm_callbacks.ResultsWriter(model_dir, train_cfg.epochs, config_json, exp.task.scoring),
         ]
         if train_cfg.keep_checkpoints:
@@ -186,13 +199,13 @@ def _train(exp: Experiment, model_dir: str, evaluate: bool, chief: bool) -> dict
             validation_data=distribute.shard_by_data(validation) if validation is not None else None,
             validation_freq=evaluation_epochs(train_cfg.epochs, train_cfg.eval_every),
             callbacks=callbacks,
-            verbose=train_cfg.verbose,
+            verbose=0,  # progress.ProgressLogger prints instead of Keras' per-step bar
             shuffle=False,  # each epoch is already permuted by (seed, epoch): data/epochs.py
         )
     if not chief:
         return {}
     results = model_dir_lib.read_json(path(model_dir_lib.RESULTS_FILE))
-    results["export"] = export_main_branch(exp, model_dir)
+    results["export"] = export_main_branch(exp, model_dir, model_dir_lib.latest_checkpoint(model_dir))
     model_dir_lib.write_json_atomically(path(model_dir_lib.RESULTS_FILE), results)
     return results
 
@@ -246,7 +259,8 @@ def evaluate(
         exp = build_experiment(config, training=False)
         checkpoint = _restore(exp, model_dir, checkpoint)
         with input_errors_are_clear("evaluation"):
-            metrics = exp.task.evaluate(exp.model, verbose=config.train.verbose)
+            # Keras' verbose=2: one line at the end, no per-batch bar.
+            metrics = exp.task.evaluate(exp.model, verbose=2 if config.train.verbose else 0)
         result = {"checkpoint": checkpoint, "metrics": {k: float(v) for k, v in metrics.items()}}
     with model_dir_lib.writing(model_dir):
         os.makedirs(model_dir, exist_ok=True)
@@ -254,8 +268,12 @@ def evaluate(
     return result
 
 
-def export_main_branch(exp: Experiment, model_dir: str) -> str:
+def export_main_branch(exp: Experiment, model_dir: str, checkpoint: Optional[str] = None) -> str:
     """SavedModel of b0 only, preprocessing inside, under model_dir/export/<version>.
+
+    `checkpoint` is the file the model's weights came from; the export
+    records it (`model_dir.export_source`) so that a re-run of the finished
+    command can tell that it has nothing new to export.
 
     TensorFlow reports a directory it may not write to (or a full disk) as an
     OpError with a traceback; it becomes one `ModelDirWriteError` line.
@@ -268,6 +286,9 @@ def export_main_branch(exp: Experiment, model_dir: str) -> str:
             exp.image_shape,
             preprocess=exp.task.serving_preprocess(),
             decode=exp.task.serving_decode(exp.image_shape[:2]),
+            class_names=exp.task.class_names(),
+            extra_files={model_dir_lib.EXPORT_SOURCE_FILE: json.dumps(model_dir_lib.export_source(checkpoint))}
+            if checkpoint else None,
         )
     except (tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError) as e:
         if isinstance(e, tf.errors.ResourceExhaustedError) and "space" not in e.message.lower():
@@ -298,4 +319,18 @@ def export(
     exp = experiment or build_experiment(config, training=False)
     with locked_if_chief(model_dir, exp.strategy):
         checkpoint = _restore(exp, model_dir, checkpoint)
-        return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir)}
+        return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir, checkpoint)}
+
+
+def export_unless_current(exp: Experiment, model_dir: str) -> dict:
+    """What a re-run of a finished command exports: nothing when the newest
+    version was made from the bytes of the newest checkpoint (each re-run
+    used to add an identical version); otherwise a new version, as `export`.
+    `--mode=export` always writes one."""
+    checkpoint, newest = model_dir_lib.latest_checkpoint(model_dir), model_dir_lib.newest_export(model_dir)
+    if checkpoint and newest:
+        recorded = model_dir_lib.exported_from(newest).get("sha256")
+        if recorded and recorded == model_dir_lib.file_sha256(checkpoint):
+            logging.info("%s was exported from %s already; not exporting again (--mode=export does)", newest, checkpoint)
+            return {"checkpoint": checkpoint, "export": newest}
+    return export(model_dir, experiment=exp)

@@ -82,7 +82,7 @@ def test_deleted_results_json_is_rebuilt_from_the_logs_and_not_trained_again(run
     assert after["completed"] and after["history"] == before["history"]
     assert after["best"] == before["best"] and after["last"] == before["last"]
     assert "rebuilt epochs 1, 2 from the TensorBoard logs" in result.stderr
-    assert after["export"] == str(run / "export" / "2")  # as any re-run of a finished run
+    assert after["export"] == str(run / "export" / "1")  # the newest, not exported again
 
 
 def without_write_permission(command, probe_dir):
@@ -112,11 +112,12 @@ def test_read_only_finished_run_is_one_line_not_a_traceback(run):
         )
         assert_one_line_error(result, "ModelDirWriteError")
         assert str(run) in last_line(result)
-        # Only export/ read-only (the directory itself writable): TensorFlow's own error at export.
+        # Only export/ read-only (the directory itself writable): TensorFlow's own error at
+        # export (--mode=export: a plain re-run has nothing new to export).
         subprocess.run(["chmod", "-R", "u+w", str(run)], check=True)
         subprocess.run(["chmod", "a-w", str(run / "export")], check=True)
         result = subprocess.run(
-            without_write_permission(command, run / "export"), cwd=REPO_ROOT, capture_output=True,
+            without_write_permission([*command, "--mode=export"], run / "export"), cwd=REPO_ROOT, capture_output=True,
             text=True, env=env, timeout=600,
         )
         assert_one_line_error(result, "ModelDirWriteError")

@@ -140,6 +140,9 @@ class DatasetInfo:
     splits: Mapping[str, int]
     data_dir: str
     _split_dict: object = dataclasses.field(default=None, repr=False, compare=False)
+    # The label names in class order (TFDS ClassLabel names); () when the
+    # dataset has none (TFDS then numbers them "0", "1", ...).
+    class_names: Tuple[str, ...] = ()
 
     def num_examples(self, split: str) -> int:
         """Size of `split`, slicing syntax included ("train[:5000]")."""
@@ -231,7 +234,16 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
         splits={k: int(v.num_examples) for k, v in split_dict.items()},
         data_dir=os.fspath(builder.data_dir),
         _split_dict=split_dict,
+        class_names=_class_names(builder.info.features["label"]),
     )
+
+
+def _class_names(label: tfds.features.ClassLabel) -> Tuple[str, ...]:
+    """The label's names, or () if TFDS only numbered the classes."""
+    names = tuple(str(n) for n in (label.names or ()))
+    if names == tuple(str(i) for i in range(len(names))):
+        return ()
+    return names
 
 
 def _split_shards(builder: tfds.core.DatasetBuilder, split: str) -> Tuple[Tuple[str, int, int], ...]:

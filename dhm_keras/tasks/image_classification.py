@@ -199,6 +199,10 @@ class ImageClassificationTask(base_task.Task):
             ) from e
 
     # -- serving --------------------------------------------------------------
+    def class_names(self):
+        """The TFDS label names (CIFAR-10: 'airplane', ..., 'truck'), or None."""
+        return list(getattr(self.dataset_info(), "class_names", ()) or ()) or None
+
     def serving_decode(self, hw):
         eval_resize = self.config.dataset.eval_resize
         return lambda encoded: augment.eval_image_transform(encoded, hw, eval_resize)

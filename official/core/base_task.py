@@ -118,6 +118,12 @@ class Task(abc.ABC):
         return model.evaluate(self.build_eval_inputs(), return_dict=True, verbose=verbose)
 
     # -- serving --------------------------------------------------------------
+    def class_names(self) -> Optional[Sequence[str]]:
+        """Names of the classes in label order, for the export's `class_names`
+        output and asset; None when the data names none (the export then
+        serves class ids only)."""
+        return None
+
     @abc.abstractmethod
     def serving_decode(self, hw: Sequence[int]) -> Callable[[tf.Tensor], tf.Tensor]:
         """One encoded image (scalar string) -> uint8 pixels [H, W, 3], made

@@ -18,6 +18,13 @@ crash leaves no broken "latest". Three signatures:
 
 SIGNATURES lists them with their inputs; tests and the README refer to it.
 
+Given `class_names`, every signature also returns ``class_names`` (string
+[N, k], the names of ``classes``), looked up in a table read from the
+SavedModel's asset ``assets/class_names.txt`` (one name per line, in label
+order), which a client can also read on its own. `extra_files` are written
+under ``assets.extra/`` (TF Serving's place for files it does not load),
+e.g. a record of the checkpoint an export was made from.
+
 Every request is checked inside the graph, before the model runs. A bad one
 is answered with an InvalidArgumentError that names the expected input (e.g.
 "expected images of shape [N, 32, 32, 3] uint8, got shape [32,32,3]"), and the
@@ -63,14 +70,19 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import tempfile
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import keras
 import tensorflow as tf
 from absl import logging
 
+
+CLASS_NAMES_ASSET = "class_names.txt"
+EXTRA_DIR = "assets.extra"
 
 SIGNATURES = {
     "serving_default": "images",
@@ -206,6 +218,8 @@ def export_image_classifier(
     top_k: int = 5,
     version: Optional[int] = None,
     decode: Optional[Callable[[tf.Tensor], tf.Tensor]] = None,
+    class_names: Optional[Sequence[str]] = None,
+    extra_files: Optional[Dict[str, str]] = None,
 ) -> str:
     """Writes `model` with `preprocess` and the three signatures; returns the version path.
 
@@ -219,25 +233,60 @@ def export_image_classifier(
         one after it if another export takes it first).
       decode: one encoded image (scalar string) -> pixels [H, W, 3] (uint8 or
         float 0..255); default: decode, then plain bilinear resize to H x W.
+      class_names: the name of every class in label order; adds the
+        ``class_names`` output and the ``assets/class_names.txt`` asset.
+      extra_files: {file name: text} written under ``assets.extra/``.
     """
     height, width, channels = (int(d) for d in image_shape)
     num_classes = int(model.outputs[0].shape[-1])
     k = min(top_k, num_classes)
+    names_dir = tempfile.mkdtemp(prefix="class_names-")  # the asset's source until it is copied
+    try:
+        table = _class_name_table(class_names, num_classes, names_dir) if class_names else None
+        keys = ("logits", "probabilities", "classes", "scores") + (("class_names",) if table is not None else ())
 
-    def predict(pixels: tf.Tensor) -> tuple:
-        logits = tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
-        probabilities = tf.nn.softmax(logits, axis=-1)
-        scores, classes = tf.math.top_k(probabilities, k=k)
-        return logits, probabilities, classes, scores
+        def predict(pixels: tf.Tensor) -> tuple:
+            logits = tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
+            probabilities = tf.nn.softmax(logits, axis=-1)
+            scores, classes = tf.math.top_k(probabilities, k=k)
+            names = (table.lookup(tf.cast(classes, tf.int64)),) if table is not None else ()
+            return (logits, probabilities, classes, scores) + names
 
-    def nothing() -> tuple:
-        return (tf.zeros([0, num_classes]), tf.zeros([0, num_classes]),
-                tf.zeros([0, k], tf.int32), tf.zeros([0, k]))
+        def nothing() -> tuple:
+            names = (tf.fill([0, k], ""),) if table is not None else ()
+            return (tf.zeros([0, num_classes]), tf.zeros([0, num_classes]),
+                    tf.zeros([0, k], tf.int32), tf.zeros([0, k])) + names
 
-    def classify(pixels: tf.Tensor) -> dict:
-        # A batch of 0 must not reach the model (oneDNN's Conv2D mishandles it).
-        outputs = tf.cond(tf.shape(pixels)[0] > 0, lambda: predict(pixels), nothing)
-        return dict(zip(("logits", "probabilities", "classes", "scores"), outputs))
+        def classify(pixels: tf.Tensor) -> dict:
+            # A batch of 0 must not reach the model (oneDNN's Conv2D mishandles it).
+            outputs = tf.cond(tf.shape(pixels)[0] > 0, lambda: predict(pixels), nothing)
+            return dict(zip(keys, outputs))
+
+        return _write(model, table, classify, export_dir, (height, width, channels), version, decode, extra_files)
+    finally:
+        shutil.rmtree(names_dir, ignore_errors=True)
+
+
+def _class_name_table(class_names: Sequence[str], num_classes: int, directory: str) -> tf.lookup.StaticHashTable:
+    """class id -> name, initialised from a text file that the SavedModel keeps as
+    its asset (TensorFlow copies the file into assets/ and reads it back on load)."""
+    names = [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model of {num_classes} classes")
+    if any("\n" in n or "\r" in n or not n for n in names):
+        raise ValueError("class names must be non-empty and on one line each")
+    path = os.path.join(directory, CLASS_NAMES_ASSET)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(names) + "\n")
+    initializer = tf.lookup.TextFileInitializer(
+        path, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+    )
+    return tf.lookup.StaticHashTable(initializer, default_value="")
+
+
+def _write(model, table, classify, export_dir, shape, version, decode, extra_files) -> str:
+    """Builds the archive of `classify`'s three signatures and writes it as a new version."""
+    height, width, channels = shape
 
     def default_decode(encoded: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
@@ -254,9 +303,10 @@ def export_image_classifier(
         )
         return classify(pixels)
 
-    shape = (height, width, channels)
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if table is not None:
+        archive.track(table)
     archive.add_endpoint(
         "serving_default",
         lambda images: classify(_checked_images(images, shape, "uint8", check_values=False)),
@@ -277,6 +327,10 @@ def export_image_classifier(
     staging = os.path.join(export_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}")
     try:
         archive.write_out(staging, verbose=False)
+        for name, text in (extra_files or {}).items():
+            tf.io.gfile.makedirs(os.path.join(staging, EXTRA_DIR))
+            with tf.io.gfile.GFile(os.path.join(staging, EXTRA_DIR, name), "w") as f:
+                f.write(text)
     except BaseException:  # an error or Ctrl-C while writing; only a kill leaves it
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)
