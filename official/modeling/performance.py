@@ -61,6 +61,14 @@ def native_bf16_flags(flags: Iterable[str]) -> Tuple[str, ...]:
     return tuple(f for f in CPU_BF16_FLAGS if f in flags)
 
 
+def cpu_description(cpuinfo: str = CPUINFO) -> str:
+    """One line naming the CPU and its bfloat16 support, printed next to benchmark numbers:
+    'Intel(R) Xeon(R) Processor, 2 cores, native BF16: avx512_bf16, amx_bf16'."""
+    flags = native_bf16_flags(read_cpu_flags(cpuinfo))
+    bf16 = f"native BF16: {', '.join(flags)}" if flags else f"no native BF16 (none of {', '.join(CPU_BF16_FLAGS)})"
+    return f"{read_cpu_model(cpuinfo)}, {os.cpu_count()} cores, {bf16}"
+
+
 def local_accelerators() -> list:
     """The accelerators TensorFlow sees, as the resolver's `accelerators` argument.
 

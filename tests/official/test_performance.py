@@ -223,3 +223,12 @@ def test_read_cpu_flags_and_model_from_cpuinfo(tmp_path):
     assert "bf16" in performance.read_cpu_flags(str(arm))
     assert performance.native_bf16_flags(performance.read_cpu_flags(str(arm))) == ()
     assert performance.read_cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_cpu_description_names_the_model_and_its_bf16_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512f avx512_bf16\n")
+    line = performance.cpu_description(str(cpuinfo))
+    assert line.startswith("AMD EPYC 9B14, ") and line.endswith("native BF16: avx512_bf16")
+    cpuinfo.write_text("model name\t: AMD EPYC 7B12\nflags\t\t: fpu avx2\n")
+    assert "no native BF16" in performance.cpu_description(str(cpuinfo))
