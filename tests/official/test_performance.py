@@ -232,3 +232,30 @@ def test_cpu_description_names_the_model_and_its_bf16_flags(tmp_path):
     assert line.startswith("AMD EPYC 9B14, ") and line.endswith("native BF16: avx512_bf16")
     cpuinfo.write_text("model name\t: AMD EPYC 7B12\nflags\t\t: fpu avx2\n")
     assert "no native BF16" in performance.cpu_description(str(cpuinfo))
+
+
+def test_auto_bf16_keeps_the_sensitive_numbers_float32(machine):
+    """What 'auto' picks on a BF16 CPU computes convolutions in bfloat16 while the heads'
+    logits, the loss, the BN moving statistics and the optimizer's state stay float32."""
+    import numpy as np
+
+    from dhm_keras import models
+    from dhm_keras.model import DHMModel
+    from official.modeling import optimization
+
+    machine(X86_AMX)
+    assert performance.set_precision_policy("auto") == "mixed_bfloat16"
+    keras.utils.set_random_seed(0)
+    network = models.build("resnet32", 10, mode="dhm", input_shape=(16, 16, 3), blocks_per_stage=1, branch_blocks=1)
+    model = DHMModel(network, mode="dhm")
+    model.compile(optimizer=optimization.L2SGD(0.1, momentum=0.9), jit_compile=False)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16, 16, 3)).astype("float32")
+    logs = model.train_on_batch(x, rng.integers(0, 10, 8).astype("int32"), return_dict=True)
+
+    assert np.isfinite(logs["loss"])
+    assert network.get_layer("stage1_block0_conv1").compute_dtype == "bfloat16"
+    moving = [v for v in network.weights if "moving" in v.path]
+    assert moving and all(v.dtype == "float32" for v in network.weights)
+    assert model.optimizer.variables and all(v.dtype in ("float32", "int64") for v in model.optimizer.variables)
+    assert all(z.dtype == tf.float32 for z in model._inference_logits(x[:2]).values())
