@@ -196,6 +196,21 @@ def resolve_for_resume(
     return resolve_precision_policy(requested, **machine)
 
 
+def apply_precision_policy(requested: str, recorded: Optional[Mapping] = None) -> dict:
+    """What a trainer calls before building its model: resolves `requested` (keeping
+    the policy a resumed "auto" run started with, see `resolve_for_resume`), logs
+    the choice and the reason, sets Keras' global policy, and returns the
+    "precision" section for config.json: {"policy": requested, "resolved": name}.
+
+    `requested` is `set_precision_policy`'s Gin-bound `policy`; `recorded` the
+    model directory's config.json "precision" section (None for a new run).
+    """
+    resolved, reason = resolve_for_resume(requested, recorded)
+    logging.info("Precision policy %s (%s)", resolved, reason)
+    keras.mixed_precision.set_global_policy(resolved)
+    return {"policy": requested, "resolved": resolved}
+
+
 @gin.configurable(module="official")
 def set_precision_policy(policy: str = "float32") -> str:
     """Sets Keras' global dtype policy and returns its name; must run BEFORE any

@@ -259,3 +259,21 @@ def test_auto_bf16_keeps_the_sensitive_numbers_float32(machine):
     assert moving and all(v.dtype == "float32" for v in network.weights)
     assert model.optimizer.variables and all(v.dtype in ("float32", "int64") for v in model.optimizer.variables)
     assert all(z.dtype == tf.float32 for z in model._inference_logits(x[:2]).values())
+
+
+@pytest.mark.parametrize("requested, recorded, flags, expected", [
+    ("auto", None, X86_AVX512_BF16, "mixed_bfloat16"),  # a new run on a BF16 CPU
+    ("auto", None, X86_PLAIN, "float32"),
+    ("auto", {"policy": "auto", "resolved": "mixed_bfloat16"}, X86_PLAIN, "mixed_bfloat16"),  # resumed
+    ("float32", None, X86_AVX512_BF16, "float32"),  # explicit
+    ("float32", {"policy": "float32"}, X86_AVX512_BF16, "float32"),  # an older run resumed
+])
+def test_apply_precision_policy_returns_the_config_json_section(machine, monkeypatch, requested, recorded, flags,
+                                                                expected):
+    messages = []
+    monkeypatch.setattr(performance.logging, "info", lambda fmt, *args: messages.append(fmt % args))
+    machine(flags)
+    section = performance.apply_precision_policy(requested, recorded)
+    assert section == {"policy": requested, "resolved": expected}
+    assert keras.mixed_precision.global_policy().name == expected
+    assert len(messages) == 1 and messages[0].startswith(f"Precision policy {expected} (")
