@@ -21,9 +21,14 @@ Prints, side by side:
   `--batch` (target <= 1.02: the branches cost nothing at inference);
 * with `--bf16`, `--fp16`, `--xla`: the DHM step under mixed_bfloat16 and/or
   mixed_float16 (loss-scaled), each with XLA off and, with `--xla`, on, as
-  images/s over the float32 step (the GPU grid of issue #4:
-  `--bf16 --fp16 --xla`; on CPUs without native 16-bit kernels the mixed
-  policies are very slow, so they are off by default);
+  images/s over the float32 step, with the per-round ratios (the GPU grid of
+  issue #4: `--bf16 --fp16 --xla`). `--bf16` is on by default where the CPU
+  has native bfloat16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo) or a GPU
+  is present, off elsewhere: without native kernels bfloat16 is ~14x slower
+  (`--no-bf16` / `--bf16` override). The first line names the CPU and its
+  BF16 flags and what `set_precision_policy.policy = 'auto'` picks here;
+* with `--dhm_only`: only the DHM steps (float32 and the variants above), no
+  baseline/DSL, pipeline or serving: the short precision comparison;
 * with `--keras_bn`: DHM step images/s with our fused batch-norm training path
   over Keras' own unfused one (`layers.BatchNormalization.fused = False`).
 """
@@ -178,6 +183,25 @@ def gpu_names() -> str:
     return f", GPUs: {names}" if names else ""
 
 
+def default_bf16() -> bool:
+    """`--bf16`'s default: where bfloat16 has native kernels (a CPU with avx512_bf16
+    or amx_bf16, or a GPU, where the row shows what the card does), not elsewhere."""
+    return bool(performance.native_bf16_flags(performance.read_cpu_flags())
+                or tf.config.list_physical_devices("GPU"))
+
+
+def print_variants(variants, rates, median, jit_compile):
+    """Each extra DHM step beside the float32 one: images/s, ratio of medians and
+    per-round ratios (each round times them back to back, so a burst of load on the
+    shared machine hits both)."""
+    for label in variants:
+        paired = [v / f for v, f in zip(rates[label], rates["dhm"])]
+        print(f"  {label:32s} {median[label]:8.1f} images/s, "
+              f"x{median[label] / median['dhm']:.3f} of dhm float32, jit_compile={jit_compile}  "
+              f"(rounds: {fmt(rates[label])}; per-round ratios {fmt(paired, 3)}, "
+              f"median {statistics.median(paired):.3f})")
+
+
 def fmt(values, digits=1):
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
@@ -202,21 +226,33 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--jit_compile", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="also time DHM under mixed_bfloat16")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time DHM under mixed_bfloat16 (default: on where this CPU has native "
+                             "BF16 or a GPU is present)")
     parser.add_argument("--fp16", action="store_true", help="also time DHM under mixed_float16")
     parser.add_argument("--xla", action="store_true",
                         help="also time each DHM precision with jit_compile the other way")
     parser.add_argument("--keras_bn", action="store_true",
                         help="also time DHM with Keras' unfused batch norm")
+    parser.add_argument("--dhm_only", action="store_true",
+                        help="time only the DHM step and its precision/XLA variants")
     parser.add_argument("--latency_calls", type=int, default=20, help="batch-1 calls per round")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch re-implementation of the reference DHM step "
                              "(benchmarks/torch_reference.py; pip install -r benchmarks/requirements.txt)")
     args = parser.parse_args()
+    machine = performance.cpu_description()
+    auto, reason = performance.resolve_precision_policy("auto")
+    if args.bf16 is None:
+        args.bf16 = default_bf16()
+    print(f"CPU: {machine}; set_precision_policy 'auto' -> {auto} ({reason}); --bf16 {'on' if args.bf16 else 'off'}",
+          flush=True)
+    if args.dhm_only and (args.torch or args.keras_bn):
+        parser.error("--torch and --keras_bn print with the full table; drop --dhm_only")
     torch_step = reference_step(args.batch, args.classes) if args.torch else None
 
     data = synthetic_batches(args.batch, args.classes, args.steps)
-    modes = ("baseline", "dsl", "dhm")
+    modes = ("dhm",) if args.dhm_only else ("baseline", "dsl", "dhm")
     compiled = {m: compiled_model(args.model, m, args.classes, args.jit_compile) for m in modes}
     variants = dhm_variants(args.bf16, args.fp16, args.xla, args.jit_compile)
     for label, (precision, jit) in variants.items():
@@ -224,16 +260,19 @@ def main():
     if args.keras_bn:
         compiled["dhm keras bn"] = compiled_model(args.model, "dhm", args.classes, args.jit_compile,
                                                   fused_bn=False)
-    train_ds = pipeline(args.batch)
-    export_root = tempfile.mkdtemp(prefix="dhm_bench_export_")
-    try:
-        servers, params = exported_servers(args.model, args.classes, export_root)
-    finally:  # the loaded SavedModels keep what they need in memory
-        shutil.rmtree(export_root, ignore_errors=True)
-    rng = np.random.default_rng(0)
-    serve_inputs = {
-        n: tf.constant(rng.integers(0, 256, (n, 32, 32, 3)), tf.uint8) for n in sorted({1, args.batch})
-    }
+    if args.dhm_only:
+        train_ds, servers, params, serve_inputs = None, {}, {}, {}
+    else:
+        train_ds = pipeline(args.batch)
+        export_root = tempfile.mkdtemp(prefix="dhm_bench_export_")
+        try:
+            servers, params = exported_servers(args.model, args.classes, export_root)
+        finally:  # the loaded SavedModels keep what they need in memory
+            shutil.rmtree(export_root, ignore_errors=True)
+        rng = np.random.default_rng(0)
+        serve_inputs = {
+            n: tf.constant(rng.integers(0, 256, (n, 32, 32, 3)), tf.uint8) for n in sorted({1, args.batch})
+        }
 
     rates = {m: [] for m in compiled}
     input_rates = []
@@ -242,8 +281,9 @@ def main():
     # steps, fills the pipeline's cache and loads the servers' graphs. (A
     # 2-step fit() per model was not enough: the first timed round still came
     # out 20-40% low for TensorFlow only, skewing the ratio to the reference.)
-    for _ in range(args.rounds + 1):
-        for mode, model in compiled.items():
+    for round_index in range(args.rounds + 1):
+        # Every other round in reverse order, so no step always runs right after the same one.
+        for mode, model in list(compiled.items())[:: -1 if round_index % 2 else 1]:
             start = time.perf_counter()
             model.fit(data, verbose=0)
             rates[mode].append(args.steps * args.batch / (time.perf_counter() - start))
@@ -254,21 +294,27 @@ def main():
             rates.setdefault("torch reference dhm", []).append(
                 args.steps * args.batch / (time.perf_counter() - start)
             )
-        input_rates.append(time_epoch(train_ds))
+        if train_ds is not None:
+            input_rates.append(time_epoch(train_ds))
         for n, x in serve_inputs.items():
             calls = args.latency_calls if n == 1 else max(4, args.latency_calls // 2)
             for label, ms in latency_ms(servers, x, calls).items():
                 latency[(label, n)].append(ms)
 
     for measured in (*rates.values(), input_rates, *latency.values()):
-        del measured[0]  # the warm-up round
+        if measured:
+            del measured[0]  # the warm-up round
     median = {m: statistics.median(r) for m, r in rates.items()}
+    print(f"CPU: {machine}")
     print(f"{args.model}, batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps "
           "after one untimed round, "
           f"jit_compile={args.jit_compile}, devices={[d.name for d in tf.config.list_logical_devices()]}"
           f"{gpu_names()}")
     for mode in modes:
         print(f"  {mode:9s} {median[mode]:8.1f} images/s  (rounds: {fmt(rates[mode])})")
+    if args.dhm_only:
+        print_variants(variants, rates, median, args.jit_compile)
+        return
     print(f"  ratio DHM/DSL throughput      {median['dhm'] / median['dsl']:.3f}")
     print(f"  ratio DSL/baseline throughput {median['dsl'] / median['baseline']:.3f}")
 
@@ -294,10 +340,7 @@ def main():
         # hits both: the per-round ratios are the steadier comparison.
         paired = [ours / theirs for ours, theirs in zip(rates["dhm"], rates["torch reference dhm"])]
         print(f"  per-round ratios DHM/reference {fmt(paired, 3)}; median {statistics.median(paired):.3f}")
-    for label in variants:
-        print(f"  {label:32s} {median[label]:8.1f} images/s, "
-              f"x{median[label] / median['dhm']:.3f} of dhm float32, jit_compile={args.jit_compile}  "
-              f"(rounds: {fmt(rates[label])})")
+    print_variants(variants, rates, median, args.jit_compile)
     if args.keras_bn:
         print(f"  dhm, Keras' unfused BN {median['dhm keras bn']:8.1f} images/s  "
               f"(rounds: {fmt(rates['dhm keras bn'])})")
