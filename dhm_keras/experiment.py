@@ -46,7 +46,9 @@ class ExperimentConfig:
     `optimizer` and `precision` are the keyword arguments of
     `official.modeling.optimization.build_sgd` and
     `official.modeling.performance.set_precision_policy`, kept as sorted
-    (name, value) pairs so that the whole config stays immutable.
+    (name, value) pairs so that the whole config stays immutable. Once the
+    trainer resolves the policy ("auto" depends on the machine), `precision`
+    also holds the `resolved` name.
     """
 
     task: cfg.TaskConfig
@@ -66,6 +68,11 @@ class ExperimentConfig:
     @property
     def precision_args(self) -> dict:
         return dict(self.precision)
+
+    def with_resolved_precision(self, precision: dict) -> "ExperimentConfig":
+        """This config with its precision section as resolved on this machine
+        ({"policy": requested, "resolved": name}), which config.json records."""
+        return dataclasses.replace(self, precision=_frozen(precision))
 
     @property
     def data_dir(self) -> Optional[str]:

@@ -58,7 +58,9 @@ def resolve_config(config: Optional[experiment_lib.ExperimentConfig], data_dir: 
     return config if config is not None else experiment_lib.from_gin(data_dir)
 
 
-def build_experiment(config: experiment_lib.ExperimentConfig, training: bool = True) -> Experiment:
+def build_experiment(
+    config: experiment_lib.ExperimentConfig, training: bool = True, recorded_precision: Optional[dict] = None
+) -> Experiment:
     """Strategy, the task's evaluation data and network, and the compiled DHM model.
 
     The training stream is built by `train` once the backup is restored: it
@@ -69,8 +71,12 @@ def build_experiment(config: experiment_lib.ExperimentConfig, training: bool = T
     keras.utils.set_random_seed(train.seed)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    performance.set_precision_policy(**config.precision_args)
     strategy = distribute.get_strategy()
+    # After the strategy (TPUs are visible only then); a resumed "auto" run
+    # keeps the policy it started with (`recorded_precision`, from config.json).
+    config = config.with_resolved_precision(
+        performance.apply_precision_policy(config.precision_args["policy"], recorded_precision)
+    )
     task = tasks.get_task(config)
     task.dataset_info()  # a missing dataset or a class-count mismatch fails first
     task.check_inputs(training)  # so do missing record files: nothing is written yet
@@ -94,6 +100,14 @@ def build_experiment(config: experiment_lib.ExperimentConfig, training: bool = T
             jit_compile=performance.resolve_jit_compile(train.jit_compile, strategy),
         )
     return Experiment(config, task, strategy, model, image_shape, eval_ds)
+
+
+def _recorded_precision(model_dir: str) -> Optional[dict]:
+    """The precision section of the run already in `model_dir`, if any."""
+    config_path = model_dir_lib.path(model_dir, model_dir_lib.CONFIG_FILE)
+    if not os.path.exists(config_path):
+        return None
+    return model_dir_lib.read_json(config_path).get("precision")
 
 
 def evaluation_epochs(epochs: int, every: int) -> list:
@@ -124,7 +138,7 @@ def train(
     """
     config = resolve_config(config, data_dir)
     model_dir_lib.check_same_experiment(model_dir, config.to_json())
-    exp = build_experiment(config, training=True)
+    exp = build_experiment(config, training=True, recorded_precision=_recorded_precision(model_dir))
     with locked_if_chief(model_dir, exp.strategy):
         return _train(exp, model_dir, evaluate, distribute.is_chief(exp.strategy))
 
@@ -256,7 +270,7 @@ def evaluate(
     if export_lib.is_saved_model(checkpoint):
         result = tasks.get_task(config).evaluate_export(checkpoint)
     else:
-        exp = build_experiment(config, training=False)
+        exp = build_experiment(config, training=False, recorded_precision=_recorded_precision(model_dir))
         checkpoint = _restore(exp, model_dir, checkpoint)
         with input_errors_are_clear("evaluation"):
             # Keras' verbose=2: one line at the end, no per-batch bar.
@@ -316,7 +330,7 @@ def export(
     """
     config = experiment.config if experiment else resolve_config(config, data_dir)
     model_dir_lib.check_run_config(model_dir, config.to_json(), checkpoint, "export")
-    exp = experiment or build_experiment(config, training=False)
+    exp = experiment or build_experiment(config, training=False, recorded_precision=_recorded_precision(model_dir))
     with locked_if_chief(model_dir, exp.strategy):
         checkpoint = _restore(exp, model_dir, checkpoint)
         return {"checkpoint": checkpoint, "export": export_main_branch(exp, model_dir, checkpoint)}

@@ -58,3 +58,35 @@ def test_xla_and_verbosity_may_change_and_older_configs_still_resume(tmp_path):
     write_config(tmp_path, older)
     gin.parse_config("build_sgd.learning_rate = 0.5")
     model_dir.check_same_experiment(str(tmp_path), current_config())  # no error
+
+
+def test_the_resolved_precision_policy_is_recorded_and_kept_on_resume():
+    """`auto` resolves on this machine and config.json records the result; a run
+    resumed elsewhere keeps the policy it started with."""
+    import keras
+
+    from dhm_keras import train_lib
+    from dhm_keras.main import parse_gin
+    from official.modeling import performance
+
+    parse_gin(["gin/quickstart.gin"], [
+        "set_precision_policy.policy = 'auto'", "model.overrides = {'blocks_per_stage': 1, 'branch_blocks': 1}",
+        "dataset.eval_split = 'test[:64]'",
+    ])
+    try:
+        config = experiment.from_gin()
+        assert config.to_json()["precision"] == {"policy": "auto"}  # as asked; resolved when built
+        fresh = train_lib.build_experiment(config, training=False)
+        expected, _ = performance.resolve_precision_policy("auto")
+        assert fresh.config_json["precision"] == {"policy": "auto", "resolved": expected}
+        # Resumed on a machine that would choose otherwise: the recorded choice wins.
+        other = "float32" if expected == "mixed_bfloat16" else "mixed_bfloat16"
+        resumed = train_lib.build_experiment(config, training=False, recorded_precision={"policy": "auto", "resolved": other})
+        assert resumed.config_json["precision"]["resolved"] == other
+        assert keras.mixed_precision.global_policy().name == other
+        # An explicit policy is never overridden.
+        explicit_config = config.with_resolved_precision({"policy": "float32"})
+        explicit = train_lib.build_experiment(explicit_config, training=False, recorded_precision={"policy": "auto", "resolved": other})
+        assert explicit.config_json["precision"] == {"policy": "float32", "resolved": "float32"}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

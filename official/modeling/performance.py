@@ -206,7 +206,9 @@ def apply_precision_policy(requested: str, recorded: Optional[Mapping] = None) -
     model directory's config.json "precision" section (None for a new run).
     """
     resolved, reason = resolve_for_resume(requested, recorded)
-    logging.info("Precision policy %s (%s)", resolved, reason)
+    # A machine-made choice is shown by default; an explicit one only with --verbosity.
+    log = logging.warning if requested == AUTO else logging.info
+    log("Precision policy %s (%s)", resolved, reason)
     keras.mixed_precision.set_global_policy(resolved)
     return {"policy": requested, "resolved": resolved}
 

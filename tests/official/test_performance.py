@@ -271,7 +271,9 @@ def test_auto_bf16_keeps_the_sensitive_numbers_float32(machine):
 def test_apply_precision_policy_returns_the_config_json_section(machine, monkeypatch, requested, recorded, flags,
                                                                 expected):
     messages = []
-    monkeypatch.setattr(performance.logging, "info", lambda fmt, *args: messages.append(fmt % args))
+    # "auto" is logged as a warning (shown without --verbosity), an explicit policy as info.
+    level = "warning" if requested == "auto" else "info"
+    monkeypatch.setattr(performance.logging, level, lambda fmt, *args: messages.append(fmt % args))
     machine(flags)
     section = performance.apply_precision_policy(requested, recorded)
     assert section == {"policy": requested, "resolved": expected}
