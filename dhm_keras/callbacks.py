@@ -43,7 +43,7 @@ from dhm_keras.model_dir import (
     write_json_atomically,
 )
 from dhm_keras.progress import IntervalMeans
-from dhm_keras.tasks.image_classification import ImageClassificationTask
+from dhm_keras.model import HEAD_ACCURACY
 from official.core import base_task
 
 
@@ -93,7 +93,7 @@ class ResultsWriter(keras.callbacks.Callback):
         model_dir: str,
         total_epochs: int,
         config: Optional[dict] = None,
-        scoring: base_task.Scoring = ImageClassificationTask.scoring,
+        scoring: base_task.Scoring = HEAD_ACCURACY,
     ):
         super().__init__()
         self.scoring = scoring  # the task's: which metrics to record, which one is "best"
@@ -276,7 +276,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 "%s; resuming from %s instead (after epoch %d)", "; ".join(unreadable), path, epoch
             )
         else:
-            logging.info("resuming from %s (after epoch %d)", path, epoch)
+            # A warning, so that it shows without --verbosity: a resumed run should say so.
+            logging.warning("resuming from %s (after epoch %d)", path, epoch)
 
 
 class _Unreadable(Exception):

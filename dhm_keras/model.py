@@ -36,6 +36,12 @@ from dhm_keras import heads as heads_lib
 from dhm_keras import losses
 from dhm_keras import mimicking_graph
 from official.common import distribute
+from official.core import base_task
+
+
+# What a run of a DHMModel records and ranks: every head's accuracies (the
+# metrics below are named top1/bK and top5/bK), "best" by the main head's top-1.
+HEAD_ACCURACY = base_task.Scoring(result_metrics=("top1/", "top5/"), score_metrics=(f"top1/{heads_lib.MAIN}",))
 
 
 def scale_loss_for_distribution(loss: tf.Tensor) -> tf.Tensor:

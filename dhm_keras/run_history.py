@@ -14,12 +14,12 @@ from absl import logging
 
 from dhm_keras import callbacks as dhm_callbacks
 from dhm_keras import model_dir as model_dir_lib
-from dhm_keras.tasks.image_classification import ImageClassificationTask
+from dhm_keras.model import HEAD_ACCURACY
 from official.core import base_task
 
 
 def load_results(
-    model_dir: str, epochs: int, config: dict, write: bool, scoring: base_task.Scoring = ImageClassificationTask.scoring
+    model_dir: str, epochs: int, config: dict, write: bool, scoring: base_task.Scoring = HEAD_ACCURACY
 ) -> dict:
     """results.json of the run in `model_dir`; rebuilt from its TensorBoard logs
     if it is missing (and then written when `write`); {} for a new run.

@@ -21,14 +21,20 @@ BASE = {"dhm_keras", "dhm_keras.errors", "dhm_keras.heads", "dhm_keras.mimicking
 
 def imported_modules(path):
     tree = ast.parse(path.read_text())
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:  # a submodule, or a name defined in node.module
-                full = f"{node.module}.{alias.name}"
-                names.add(full if is_module(full) else node.module)
+        elif isinstance(node, ast.ImportFrom):
+            # A relative import is resolved against the module's package.
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            for alias in node.names:  # a submodule, or a name defined in module
+                full = f"{module}.{alias.name}"
+                names.add(full if is_module(full) else module)
     return {n for n in names if n.split(".")[0] in ("dhm_keras", "official")}
 
 
@@ -80,3 +86,11 @@ def test_trainer_names_no_dataset_and_has_shrunk():
     named = re.findall(r"cifar|imagenet|market|duke|reid|is_reid", source, flags=re.IGNORECASE)
     assert not named, f"train_lib names datasets or tasks: {sorted(set(named))}"
     assert len(source.splitlines()) < 582, "train_lib.py must stay smaller than before the task split"
+
+
+def test_relative_imports_are_resolved(tmp_path, monkeypatch):
+    """`from ..analysis import x` inside dhm_keras/data/ counts as dhm_keras.analysis.x."""
+    module = REPO_ROOT / "dhm_keras" / "data" / "pipeline.py"
+    source = "from ..analysis import curves\nfrom . import stats\n"
+    monkeypatch.setattr(type(module), "read_text", lambda self: source)
+    assert imported_modules(module) == {"dhm_keras.analysis.curves", "dhm_keras.data.stats"}

@@ -39,6 +39,12 @@ def shuffled(
     """`examples` in the order of (seed, epoch): each window of `window`
     consecutive examples permuted by a stateless draw. `count`, the number of
     examples when known, keeps the dataset's length known (`len`, Keras)."""
+    for spec in tf.nest.flatten(examples.element_spec):
+        if spec.dtype != tf.string and not spec.shape.is_fully_defined():
+            raise ValueError(
+                f"an epoch's permutation batches examples, so they need one shape; got {spec.shape} "
+                "(resize images before caching them)"
+            )
     base = seed_pair(seed, epoch, _ORDER)
 
     def permute(w, block):
@@ -47,7 +53,8 @@ def shuffled(
         order = tf.argsort(keys)
         return tf.nest.map_structure(lambda t: tf.gather(t, order), block)
 
-    ds = examples.batch(max(1, int(window))).enumerate().map(permute).unbatch()
+    # prefetch(1): the next window is gathered while this one is consumed.
+    ds = examples.batch(max(1, int(window))).enumerate().map(permute).prefetch(1).unbatch()
     return ds.apply(tf.data.experimental.assert_cardinality(count)) if count >= 0 else ds
 
 

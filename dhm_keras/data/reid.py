@@ -273,6 +273,11 @@ def _decode(path: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
 
 
+def _decode_resized(path: tf.Tensor, hw) -> tf.Tensor:
+    """The image at `path`, resized to `hw` (uint8, antialiased)."""
+    return augment_lib.resize_uint8(_decode(path), hw)
+
+
 def make_reid_dataset(
     name: str,
     split: str,
@@ -323,9 +328,7 @@ def make_reid_dataset(
     if training:
         ds = prepared.training_epoch(tf.constant(int(epoch), tf.int64))
     else:
-        ds = prepared.examples.map(lambda x, y: (augment_lib.resize_uint8(x, prepared.hw), y),
-                                   num_parallel_calls=AUTOTUNE)
-        ds = ds.batch(global_batch_size, drop_remainder=False, num_parallel_calls=AUTOTUNE)
+        ds = prepared.examples.batch(global_batch_size, drop_remainder=False, num_parallel_calls=AUTOTUNE)
         ds = ds.map(lambda x, y: (stats_lib.normalize(x, prepared.mean, prepared.std), y),
                     num_parallel_calls=AUTOTUNE)
     return prepared.finish(ds, deterministic=seed is not None or not training)
@@ -374,11 +377,10 @@ class _Prepared:
     def training_epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
         """One epoch, order and draws from (seed, epoch): shuffled paths (or
         cached images), decoded, resized, augmented, erased, batched."""
+        hw, padding, erasing = self.hw, self.padding, self.random_erasing
         ds = epochs_lib.shuffled(self.examples, self.seed, epoch, self.size, self.size)
         if not self.decoded:  # shuffle cheap paths, decode after
-            ds = ds.map(lambda path, y: (_decode(path), y), num_parallel_calls=AUTOTUNE)
-        ds = ds.map(lambda x, y: (augment_lib.resize_uint8(x, self.hw), y), num_parallel_calls=AUTOTUNE)
-        hw, padding, erasing = self.hw, self.padding, self.random_erasing
+            ds = ds.map(lambda path, y: (_decode_resized(path, hw), y), num_parallel_calls=AUTOTUNE)
 
         def augment(xy, key):
             image = augment_lib.pad_crop_flip(xy[0], key, padding)
@@ -446,10 +448,12 @@ def _prepare(name, split, data_dir, global_batch_size, training, seed, image_siz
         }
     ds = tf.data.Dataset.from_tensor_slices((paths, targets))
     # Evaluation always decodes; training decodes before the cache, or after
-    # the shuffle when nothing is cached (shuffling paths is cheaper).
+    # the shuffle when nothing is cached (shuffling paths is cheaper). Images
+    # are resized as they are decoded: DukeMTMC crops vary in size, and an
+    # epoch's permutation batches the split (dhm_keras.data.epochs).
     decoded = cache or not training
     if decoded:
-        ds = ds.map(lambda path, y: (_decode(path), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda path, y: (_decode_resized(path, hw), y), num_parallel_calls=AUTOTUNE)
         if cache:
             ds = ds.cache()
     seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)

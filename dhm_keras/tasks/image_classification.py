@@ -15,11 +15,12 @@ import keras
 import tensorflow as tf
 
 from dhm_keras import errors
-from dhm_keras import heads
 from dhm_keras import models
 from dhm_keras.data import augment
 from dhm_keras.data.input_errors import input_errors_are_clear
+from dhm_keras.model import HEAD_ACCURACY
 from dhm_keras.data import pipeline
+from dhm_keras.data import reid as reid_data
 from dhm_keras.data import stats as stats_lib
 from official.core import base_task, task_factory
 
@@ -44,7 +45,7 @@ class ImageClassificationTask(base_task.Task):
     """A TFDS dataset with `image` and `label` features."""
 
     # Every head's accuracies are recorded; the main head's top-1 picks "best".
-    scoring = base_task.Scoring(result_metrics=("top1/", "top5/"), score_metrics=(f"top1/{heads.MAIN}",))
+    scoring = HEAD_ACCURACY
 
     def __init__(self, config):
         super().__init__(config)
@@ -65,6 +66,12 @@ class ImageClassificationTask(base_task.Task):
     def read_dataset_info(self):
         """The dataset's metadata (overridden by tasks that read other formats)."""
         dataset = self.config.dataset
+        if reid_data.is_reid_dataset(dataset.name):
+            # Older Gin files chose re-ID by the dataset's name; say what to set.
+            raise ValueError(
+                f"dataset {dataset.name} is a person re-identification dataset: set "
+                "task.name = 'person_reid' (gin/reid/reid_recipe.gin does)"
+            )
         if dataset.random_erasing:
             raise ValueError("dataset.random_erasing is only supported by task.name = 'person_reid'")
         return pipeline.dataset_info(dataset.name, dataset.data_dir)

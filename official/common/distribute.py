@@ -190,7 +190,7 @@ def worker_dir(path: str, strategy: tf.distribute.Strategy) -> str:
 
     The chief (and every single-worker run) gets `path` itself. Any other worker
     gets a private directory outside the model directory,
-    ``<tmp>/dhm_workertemp/<hash of path>/<task_type>_<task_id>``, so workers never
+    ``<tmp>/workertemp/<hash of path>/<task_type>_<task_id>``, so workers never
     overwrite the chief's files or each other's.
     """
     if is_chief(strategy):
@@ -198,7 +198,7 @@ def worker_dir(path: str, strategy: tf.distribute.Strategy) -> str:
     resolver = strategy.cluster_resolver
     digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
     return os.path.join(
-        tempfile.gettempdir(), "dhm_workertemp", digest, f"{resolver.task_type}_{resolver.task_id}"
+        tempfile.gettempdir(), "workertemp", digest, f"{resolver.task_type}_{resolver.task_id}"
     )
 
 

@@ -22,6 +22,7 @@ from dhm_keras.data.reid import (
     ReidDatasetNotFoundError,
     is_reid_dataset,
     make_reid_dataset,
+    make_reid_training_stream,
     parse_name,
     read_split,
     reid_info,
@@ -76,9 +77,10 @@ def data_dir(tmp_path_factory):
     duke = base / "DukeMTMC-reID"
     for folder in ("bounding_box_train", "query", "bounding_box_test"):
         (duke / folder).mkdir(parents=True)
-    for pid, cam in ((5, 2), (5, 7), (9, 3), (9, 8)):
+    sizes = ((150, 60), (180, 72), (120, 50), (150, 64))  # Duke crops vary in size
+    for (pid, cam), size in zip(((5, 2), (5, 7), (9, 3), (9, 8)), sizes):
         _write_jpeg(duke / "bounding_box_train" / f"{pid:04d}_c{cam}_f{pid * 1000 + cam:07d}.jpg",
-                    rng, size=(150, 60))  # Duke crops vary in size
+                    rng, size=size)
     _write_jpeg(duke / "query" / "0012_c1_f0046985.jpg", rng, size=(170, 70))
     _write_jpeg(duke / "bounding_box_test" / "0012_c6_f0046990.jpg", rng, size=(140, 50))
     _write_jpeg(duke / "bounding_box_test" / "0013_c8_f0047000.jpg", rng, size=(120, 44))
@@ -288,6 +290,11 @@ def test_duke_variable_sizes_are_resized(data_dir):
                            training=True, seed=0, cache=True)
     for _ in range(2):  # second epoch reads the cache
         (x, y), = list(ds)
+        assert x.shape == (4, 256, 128, 3) and sorted(y.numpy().tolist()) == [0, 0, 1, 1]
+    # The training stream permutes whole epochs, cached crops of every size included.
+    stream = make_reid_training_stream("dukemtmc_reid", "train", data_dir=data_dir, global_batch_size=4,
+                                       seed=0, cache=True, first_epoch=1)
+    for x, y in stream.take(2):
         assert x.shape == (4, 256, 128, 3) and sorted(y.numpy().tolist()) == [0, 0, 1, 1]
 
 
