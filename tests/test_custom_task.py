@@ -23,7 +23,7 @@ class VehiclesVsAnimals(ImageClassificationTask):
     """Binary classification of a label derived from the dataset's own."""
 
     def read_dataset_info(self):
-        return dataclasses.replace(super().read_dataset_info(), num_classes=2)
+        return dataclasses.replace(super().read_dataset_info(), num_classes=2, class_names=("animal", "vehicle"))
 
     @staticmethod
     def relabel(images, labels):
@@ -63,4 +63,6 @@ def test_a_task_defined_in_a_test_file_trains_through_the_cli(tmp_path):
     # Two classes: no top-5 metric, and the served model answers with two logits.
     assert "top5/b0" not in results["last"] and 0.0 <= results["last"]["top1/b0"] <= 1.0
     served = tf.saved_model.load(str(model_dir / "export" / "1")).signatures["serving_default"]
-    assert served(images=tf.zeros((1, 32, 32, 3), tf.uint8))["logits"].shape == (1, 2)
+    answer = served(images=tf.zeros((1, 32, 32, 3), tf.uint8))
+    assert answer["logits"].shape == (1, 2)
+    assert sorted(answer["class_names"].numpy()[0].tolist()) == [b"animal", b"vehicle"]

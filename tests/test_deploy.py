@@ -43,7 +43,7 @@ def test_tfjob_manifest_runs_the_documented_command():
     assert container["name"] == "tensorflow"  # the container the training operator sets TF_CONFIG for
     assert container["command"] + container["args"] == readme_command()
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert "/shared" in mounts  # model_dir and data_dir on the shared volume
+    assert "/mnt/nfs" in mounts  # model_dir and data_dir on the shared volume
 
 
 def test_sbatch_script_parses_and_runs_the_documented_command_under_slurm():

@@ -406,7 +406,7 @@ def read_split(
     input_errors.require_files([path for path, _, _ in shards], description)
     workers, worker, why_not = _file_sharding(shards, input_context, take, label_noise)
     if why_not:
-        logging.info("input: every worker reads all of %s and keeps its rows of each global batch "
+        logging.warning("input: every worker reads all of %s and keeps its rows of each global batch "
                      "(DATA sharding): %s", description, why_not)
     ds = builder.as_dataset(
         split=split,

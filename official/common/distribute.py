@@ -300,7 +300,7 @@ def train_inputs(strategy: tf.distribute.Strategy, build_train_inputs: Callable,
             lambda context: build_train_inputs(first_epoch, input_context=context)
         )
     if is_multi_worker(strategy):
-        logging.info("the task's build_train_inputs takes no input_context: every worker reads the "
+        logging.warning("the task's build_train_inputs takes no input_context: every worker reads the "
                      "whole training split (DATA sharding)")
     return shard_by_data(build_train_inputs(first_epoch))
 
