@@ -3,7 +3,7 @@
 Training and evaluation data come from `dhm_keras.data.pipeline`; the
 network from `dhm_keras.models.build`; the score is B0's top-1 accuracy.
 Served requests are decoded and resized exactly as the evaluation split is
-(`pipeline.eval_image_transform`), so a served image scores what evaluation
+(`augment.eval_image_transform`), so a served image scores what evaluation
 scored.
 """
 
@@ -17,11 +17,11 @@ import tensorflow as tf
 from dhm_keras import errors
 from dhm_keras import models
 from dhm_keras.data import augment
-from dhm_keras.data.input_errors import input_errors_are_clear
-from dhm_keras.model import HEAD_ACCURACY
 from dhm_keras.data import pipeline
 from dhm_keras.data import reid as reid_data
 from dhm_keras.data import stats as stats_lib
+from dhm_keras.data.input_errors import input_errors_are_clear
+from dhm_keras.model import HEAD_ACCURACY
 from official.core import base_task, task_factory
 
 
