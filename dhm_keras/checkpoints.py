@@ -34,7 +34,7 @@ import h5py
 import keras
 
 from dhm_keras.errors import CheckpointError, ClassCountError
-from dhm_keras.model_dir import CHECKPOINT_DIR, checkpoint_name
+from dhm_keras.model_dir import CHECKPOINT_DIR, checkpoint_name, write_atomically
 
 # HDF5 raises these for files it cannot parse: OSError when it cannot open
 # one, RuntimeError/KeyError/ValueError for broken structures inside.
@@ -65,43 +65,17 @@ def weights_bytes(model: keras.Model, epoch: Optional[int] = None) -> memoryview
     return buffer.getbuffer()
 
 
-def write_atomically(path: str, data) -> None:
-    """Writes `data` to ``path.tmp-<pid>``, fsyncs it and renames it onto `path`.
-
-    A failure removes the temporary file and leaves `path` as it was. The pid
-    keeps two processes writing one directory (workers) from sharing a
-    temporary file; the suffix keeps it out of `epoch_checkpoints`.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
 def save(model: keras.Model, path: str, epoch: Optional[int] = None) -> None:
     """Saves `model`'s weights (and optimizer state) to `path`, atomically (see `write`)."""
     write(path, weights_bytes(model, epoch))
 
 
 def write(path: str, data) -> None:
-    """`write_atomically`, creating the folder; an `OSError` names the file and
+    """`model_dir.write_atomically`, creating the folder; an `OSError` names the file and
     says that nothing was lost, so the user knows a re-run after freeing space resumes."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomically(path, data)
+        write_atomically(path, data)  # model_dir's: one atomic writer for every run file
     except OSError as e:
         raise OSError(
             e.errno,

@@ -80,22 +80,34 @@ def path(model_dir: str, name: str) -> str:
     return os.path.join(model_dir, name)
 
 
-def write_json_atomically(file_path: str, payload: dict) -> None:
-    """Writes a temporary file and renames it: a kill or a full disk leaves the
-    old file or the new one, never half of one. The temporary name is this
-    process's own, so two writers (two evaluations writing eval.json) never
-    write into one temporary file."""
-    tmp = f"{file_path}.{os.getpid()}.tmp"
+def write_atomically(file_path: str, data) -> None:
+    """Writes `data` (bytes or text) to ``<file_path>.tmp-<pid>``, fsyncs it and
+    renames it onto `file_path`: a kill or a full disk leaves the old file or the
+    new one, never half of one. A failure removes the temporary file. The pid
+    keeps two writers (workers, two evaluations writing eval.json) out of one
+    temporary file; the suffix keeps it out of `epoch_checkpoints`."""
+    tmp = f"{file_path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
+        with open(tmp, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, file_path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    os.replace(tmp, file_path)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        directory = os.open(os.path.dirname(os.path.abspath(file_path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def write_json_atomically(file_path: str, payload: dict) -> None:
+    """`payload` as indented, key-sorted JSON, written by `write_atomically`."""
+    write_atomically(file_path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 # What to do about an unreadable file, without losing the run's work.

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dhm_keras import checkpoints
+from dhm_keras import model_dir
 from dhm_keras.callbacks import NonFiniteLossGuard, ResultsWriter, good_checkpoints
 from dhm_keras.errors import NonFiniteLossError
 
@@ -70,6 +70,6 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
-        checkpoints.write_atomically(str(target), b"new weights" * 1000)
+        model_dir.write_atomically(str(target), b"new weights" * 1000)
     assert target.read_bytes() == b"previous backup"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.weights.h5"]
