@@ -98,7 +98,7 @@ import dataclasses
 import hashlib
 import os
 import random
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
