@@ -378,13 +378,13 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
 
     def advice(self) -> str:
         if not self.checkpoint_dir:
-            return "Lower the learning rate or add warm-up (build_sgd.warmup_epochs)."
+            return "Lower the learning rate or add warm-up (build_sgd.warmup_epochs, or build_sgd.warmup_steps for a short epoch)."
         model_dir = os.path.dirname(os.path.normpath(self.checkpoint_dir))
         good = good_checkpoints(model_dir)
         last_good = f"{good[0][1]} (epoch {good[0][0]})" if good else "none (no epoch finished with finite numbers)"
         return (
             f"Last good checkpoint: {last_good}. Lower the learning rate or add warm-up "
-            "(build_sgd.warmup_epochs) and start over in a new model directory, e.g. "
+            "(build_sgd.warmup_epochs, or build_sgd.warmup_steps for a short epoch) and start over in a new model directory, e.g. "
             f"--model_dir={model_dir}_retry: this one refuses a changed configuration (re-running "
             "the same command resumes from the last finished epoch with the same settings)."
         )
@@ -487,6 +487,6 @@ class CollapseGuard(keras.callbacks.Callback):
             f"accuracy at chance, 1/{self.num_classes} ({top1}): the network predicts the label prior for every image and "
             "will not recover (an early divergence, typical of DHM at a high learning rate without "
             "warm-up); stopped before saving this epoch. Start over with a learning-rate warm-up, "
-            "--gin_param='build_sgd.warmup_epochs = 1' (or a lower build_sgd.learning_rate)"
+            "--gin_param='build_sgd.warmup_epochs = 1' (build_sgd.warmup_steps = 400 when an epoch is short; or a lower build_sgd.learning_rate)"
             f"{retry}; train.collapse_check_steps = 0 turns this check off"
         )

@@ -8,7 +8,7 @@ Two pieces that Keras does not ship in the form the classic CNN recipes use:
   after the update), which is a different optimizer once momentum is used.
 * ``EpochStepDecay``: ``lr = base * gamma ** (number of milestones reached)``
   where milestones are given in epochs, like PyTorch's ``MultiStepLR`` stepped
-  once per epoch.
+  once per epoch, with an optional linear warm-up given in epochs or in steps.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
     step ``k * steps_per_epoch`` is the first step of epoch ``k`` (0-based) and
     already uses the decayed rate when ``k`` is a milestone: epochs
     ``0 .. m-1`` train at the previous rate, exactly like ``MultiStepLR``.
+
+    Warm-up multiplies step ``k`` by ``min(1, (k + 1) / W)``. ``W`` is given
+    either in epochs (``warmup_epochs * steps_per_epoch``) or directly in steps
+    (``warmup_steps``): on a small training subset an epoch is only a few dozen
+    steps, so a warm-up that protects a run from the early collapse must be
+    sized in steps, not in passes over the data. Giving both is refused: one
+    knob owns the ramp's length.
     """
 
     def __init__(
@@ -37,6 +44,7 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
         warmup_epochs: float = 0.0,
+        warmup_steps: int = 0,
     ):
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
@@ -48,7 +56,20 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.gamma = float(gamma)
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if warmup_steps < 0 or int(warmup_steps) != warmup_steps:
+            raise ValueError(f"warmup_steps must be a whole number >= 0, got {warmup_steps}")
+        if warmup_epochs and warmup_steps:
+            raise ValueError(
+                f"give the warm-up in epochs or in steps, not both "
+                f"(warmup_epochs={warmup_epochs}, warmup_steps={warmup_steps})"
+            )
         self.warmup_epochs = float(warmup_epochs)
+        self.warmup_steps = int(warmup_steps)
+
+    @property
+    def warmup_length(self) -> float:
+        """Length of the linear ramp in optimizer steps (0: no warm-up)."""
+        return float(self.warmup_steps) or self.warmup_epochs * self.steps_per_epoch
 
     def __call__(self, step):
         epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
@@ -56,10 +77,9 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         for milestone in self.milestones:
             reached += tf.cast(epoch >= milestone, tf.float32)
         rate = self.initial_learning_rate * tf.pow(self.gamma, reached)
-        if self.warmup_epochs:
+        if self.warmup_length:
             # Linear ramp over the first warmup steps: step k uses (k + 1) / warmup.
-            warmup_steps = self.warmup_epochs * self.steps_per_epoch
-            ramp = (tf.cast(step, tf.float32) + 1.0) / warmup_steps
+            ramp = (tf.cast(step, tf.float32) + 1.0) / self.warmup_length
             rate = rate * tf.minimum(1.0, ramp)
         return rate
 
@@ -70,6 +90,7 @@ class EpochStepDecay(keras.optimizers.schedules.LearningRateSchedule):
             "milestones": self.milestones,
             "gamma": self.gamma,
             "warmup_epochs": self.warmup_epochs,
+            "warmup_steps": self.warmup_steps,
         }
 
 
@@ -126,10 +147,14 @@ def build_sgd(
     gamma: float = 0.1,
     nesterov: bool = False,
     warmup_epochs: float = 0.0,
+    warmup_steps: int = 0,
 ) -> L2SGD:
     """The reference CNN recipe: step-decayed SGD with coupled weight decay.
 
-    `warmup_epochs` > 0 adds a linear learning-rate ramp (off in the reference).
+    `warmup_epochs` or `warmup_steps` > 0 adds a linear learning-rate ramp (off
+    in the reference); use steps when an epoch is short (a training subset).
     """
-    schedule = EpochStepDecay(learning_rate, steps_per_epoch, milestones, gamma, warmup_epochs)
+    schedule = EpochStepDecay(
+        learning_rate, steps_per_epoch, milestones, gamma, warmup_epochs, warmup_steps
+    )
     return L2SGD(learning_rate=schedule, momentum=momentum, l2=weight_decay, nesterov=nesterov)
