@@ -211,6 +211,14 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._restored = True
         return int(getattr(model, "_initial_epoch", None) or 0)
 
+    def seed(self, model: keras.Model, epoch: int = 0) -> None:
+        """Writes `model`'s state as the backup after `epoch`: the next
+        training run in this directory starts from these weights, as a
+        resumed one does (an imported checkpoint is epoch 0 of its run)."""
+        self.set_model(model)
+        self._current_epoch, self._last_batch_seen = int(epoch), 0
+        self._save_model()
+
     def on_train_begin(self, logs=None):
         if not getattr(self, "_restored", False):
             self._restore()

@@ -28,6 +28,12 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint path that is not a loadable weights file of this trainer."""
 
 
+class CheckpointImportError(UserError, ValueError):
+    """A PyTorch checkpoint that cannot be imported into the configured network
+    (unreadable, another architecture, class count or head set), or PyTorch
+    missing for `--mode=import`."""
+
+
 class RunFileError(UserError, ValueError):
     """A file in the model directory (config.json, results.json) is unreadable."""
 

@@ -1,8 +1,10 @@
-"""Train, evaluate or export a DHM model: ``dhm-train --gin_file=... --model_dir=...``
+"""Train, evaluate, export or import a DHM model: ``dhm-train --gin_file=... --model_dir=...``
 (the same as ``python -m dhm_keras.main``).
 
 Flags choose what to run and where; Gin files (``gin/``) choose the
-experiment. Errors a user can fix are reported as one line (``error:
+experiment. ``--mode=import --checkpoint=<file.pth>`` converts a checkpoint
+of the authors' PyTorch code into a run of this trainer (PyTorch needed for
+that only). Errors a user can fix are reported as one line (``error:
 <Class>: <what and how to fix>``) with a non-zero exit code: 2 for
 configuration (a misspelled Gin binding or file, a missing dataset, class
 count or image size mismatches, a model_dir of another run, in use by
@@ -51,6 +53,8 @@ def run(argv) -> dict:
     config = experiment.from_gin(FLAGS.data_dir)  # the one read of the configuration
     if FLAGS.mode in ("train_and_eval", "train"):
         return train_lib.train(FLAGS.model_dir, evaluate=FLAGS.mode == "train_and_eval", config=config)
+    if FLAGS.mode == "import":
+        return train_lib.import_checkpoint(FLAGS.model_dir, FLAGS.checkpoint, config=config)
     if FLAGS.mode == "eval":
         return train_lib.evaluate(FLAGS.model_dir, checkpoint=FLAGS.checkpoint, config=config)
     return train_lib.export(FLAGS.model_dir, checkpoint=FLAGS.checkpoint, config=config)
@@ -65,7 +69,7 @@ def main(argv) -> None:
         message = str(error).strip().splitlines()
         print(f"error: {type(error).__name__}: {' '.join(message)}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 2))
-    summary = {k: result[k] for k in ("split", "best", "last", "checkpoint", "export", "metrics") if k in result}
+    summary = {k: result[k] for k in ("split", "best", "last", "checkpoint", "export", "metrics", "imported") if k in result}
     logging.info("done: %s", json.dumps(summary))
     print(json.dumps(summary, indent=2))
 

@@ -16,6 +16,7 @@ Layout:
   export/<version>/                  SavedModel of the main branch b0
   export/<version>/assets.extra/export_source.json   the checkpoint it was made from
   run.lock                           while a run trains or exports here: its host and PID
+  import.json                        where an imported checkpoint came from (--mode=import)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ BACKUP_DIR = "backup"
 LOG_DIR = "logs"
 EXPORT_DIR = "export"
 LOCK_FILE = "run.lock"
+IMPORT_FILE = "import.json"
 # Inside an export version: what it was exported from (see `export_source`).
 EXPORT_SOURCE_FILE = "export_source.json"
 EXPORT_EXTRA_DIR = "assets.extra"
@@ -189,10 +191,12 @@ def file_sha256(file_path: str) -> str:
     return digest.hexdigest()
 
 
-def export_source(checkpoint: str) -> dict:
+def export_source(checkpoint: str, recorded_path: Optional[str] = None) -> dict:
     """What an export records about the checkpoint it was made from: its path
-    and the SHA-256 of its bytes (a copied or moved run still matches)."""
-    return {"checkpoint": os.path.abspath(checkpoint), "sha256": file_sha256(checkpoint)}
+    and the SHA-256 of its bytes (a copied or moved run still matches).
+    `recorded_path`: where the file will be once its run directory is in place
+    (an import writes into a staging directory first)."""
+    return {"checkpoint": os.path.abspath(recorded_path or checkpoint), "sha256": file_sha256(checkpoint)}
 
 
 def exported_from(version_dir: str) -> dict:

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import gin
@@ -26,7 +28,9 @@ from dhm_keras import checkpoints as dhm_checkpoints
 from dhm_keras import experiment as experiment_lib
 from dhm_keras import errors
 from dhm_keras import model_dir as model_dir_lib
+from dhm_keras.models import specs as specs_lib
 from dhm_keras import progress
+from dhm_keras import pytorch_import
 from dhm_keras import run_history
 from dhm_keras import tasks
 from dhm_keras.data.input_errors import input_errors_are_clear
@@ -282,12 +286,15 @@ def evaluate(
     return result
 
 
-def export_main_branch(exp: Experiment, model_dir: str, checkpoint: Optional[str] = None) -> str:
+def export_main_branch(
+    exp: Experiment, model_dir: str, checkpoint: Optional[str] = None, recorded_path: Optional[str] = None
+) -> str:
     """SavedModel of b0 only, preprocessing inside, under model_dir/export/<version>.
 
     `checkpoint` is the file the model's weights came from; the export
-    records it (`model_dir.export_source`) so that a re-run of the finished
-    command can tell that it has nothing new to export.
+    records it (`model_dir.export_source`, under `recorded_path` if given)
+    so that a re-run of the finished command can tell that it has nothing
+    new to export.
 
     TensorFlow reports a directory it may not write to (or a full disk) as an
     OpError with a traceback; it becomes one `ModelDirWriteError` line.
@@ -301,7 +308,9 @@ def export_main_branch(exp: Experiment, model_dir: str, checkpoint: Optional[str
             preprocess=exp.task.serving_preprocess(),
             decode=exp.task.serving_decode(exp.image_shape[:2]),
             class_names=exp.task.class_names(),
-            extra_files={model_dir_lib.EXPORT_SOURCE_FILE: json.dumps(model_dir_lib.export_source(checkpoint))}
+            extra_files={
+                model_dir_lib.EXPORT_SOURCE_FILE: json.dumps(model_dir_lib.export_source(checkpoint, recorded_path))
+            }
             if checkpoint else None,
         )
     except (tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError) as e:
@@ -348,3 +357,74 @@ def export_unless_current(exp: Experiment, model_dir: str) -> dict:
             logging.info("%s was exported from %s already; not exporting again (--mode=export does)", newest, checkpoint)
             return {"checkpoint": checkpoint, "export": newest}
     return export(model_dir, experiment=exp)
+
+
+def import_checkpoint(
+    model_dir: str,
+    checkpoint: Optional[str],
+    config: Optional[experiment_lib.ExperimentConfig] = None,
+    data_dir: Optional[str] = None,
+) -> dict:
+    """Converts a checkpoint of the authors' PyTorch code into a run of this trainer.
+
+    Writes `model_dir` whole or not at all: config.json, the converted
+    weights as `checkpoints/epoch_000.weights.h5`, the backup (so that
+    `--mode=train` here continues from them, as epoch 0 of this run),
+    import.json (where they came from) and B0's export, all in a staging
+    directory beside it that is renamed into place once everything is
+    written. A model_dir that holds anything is refused.
+    """
+    config = resolve_config(config, data_dir)
+    if not checkpoint:
+        raise errors.CheckpointImportError(
+            "--mode=import needs --checkpoint=<file.pth or file.pth.tar> (a checkpoint of the reference PyTorch code)"
+        )
+    model_dir = os.path.abspath(model_dir)
+    if os.path.isdir(model_dir) and os.listdir(model_dir):
+        raise errors.ConfigMismatchError(
+            f"model_dir {model_dir} is not empty; import into a new --model_dir (an import starts a run)"
+        )
+    source = pytorch_import.read_checkpoint(checkpoint)  # before anything is built or written
+    exp = build_experiment(config, training=False)
+    with exp.strategy.scope():
+        exp.model.optimizer.build(exp.model.trainable_variables)  # its (zero) slots go into the checkpoint
+    model_cfg, info = config.model, exp.task.dataset_info()
+    spec = specs_lib.with_overrides(specs_lib.get_spec(model_cfg.name), **(model_cfg.overrides or {}))
+    heads = pytorch_import.assign(
+        exp.model.network, spec, source, f"{model_cfg.name} ({model_cfg.mode}) with {info.num_classes} classes"
+    )
+    parent = os.path.dirname(model_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.import-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would become the run directory's mode
+        staged = lambda name: model_dir_lib.path(staging, name)  # noqa: E731
+        model_dir_lib.write_json_atomically(staged(model_dir_lib.CONFIG_FILE), exp.config_json)
+        with open(staged(model_dir_lib.OPERATIVE_GIN_FILE), "w") as f:
+            f.write(gin.config_str())
+        name = os.path.join(model_dir_lib.CHECKPOINT_DIR, model_dir_lib.checkpoint_name(0))
+        dhm_checkpoints.save(exp.model, staged(name), epoch=0)
+        dhm_callbacks.BackupAndRestore(staged(model_dir_lib.BACKUP_DIR), model_dir=staging).seed(exp.model, epoch=0)
+        record = {
+            "source": os.path.abspath(checkpoint),
+            "sha256": model_dir_lib.file_sha256(checkpoint),
+            "heads": heads,
+            "tensors": len(source.tensors),
+            "reference_metadata": dict(source.metadata),
+        }
+        model_dir_lib.write_json_atomically(staged(model_dir_lib.IMPORT_FILE), record)
+        export_dir = export_main_branch(exp, staging, staged(name), recorded_path=os.path.join(model_dir, name))
+        if os.path.isdir(model_dir):
+            os.rmdir(model_dir)  # empty (checked above); fails if something appeared meanwhile
+        os.rename(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logging.info("imported %s (%s) into %s", checkpoint, ", ".join(heads), model_dir)
+    return {
+        "checkpoint": os.path.join(model_dir, name),
+        "export": os.path.join(model_dir, os.path.relpath(export_dir, staging)),
+        "imported": record,
+    }

@@ -8,7 +8,7 @@ else to `--helpfull`.
 
 from absl import flags
 
-MODES = ("train_and_eval", "train", "eval", "export")
+MODES = ("train_and_eval", "train", "eval", "export", "import")
 
 
 def define_flags() -> None:
@@ -26,5 +26,6 @@ def define_flags() -> None:
     flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory (overrides dataset.data_dir).")
     flags.DEFINE_string("checkpoint", None, "For eval: a .weights.h5 file or an export directory (<model_dir>/export/<version>); "
-        "for export: a .weights.h5 file. Default: the latest checkpoint in model_dir.")
+        "for export: a .weights.h5 file. Default: the latest checkpoint in model_dir. "
+        "For import: the foreign checkpoint to convert (a PyTorch .pth/.pth.tar of the reference code).")
     flags.DEFINE_boolean("debug", False, "Show full tracebacks instead of one-line errors.")
