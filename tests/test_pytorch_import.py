@@ -1,0 +1,317 @@
+"""`--mode=import`: checkpoints of the authors' PyTorch code, converted and served.
+
+The yardstick is `torch_reference_models`, PyTorch definitions written from
+the reference model files with the reference's module names: each test gives
+one random weights and BatchNorm statistics, saves it the way the reference
+scripts do, imports it through the CLI, and compares the logits of every head
+(and of the served B0) with PyTorch's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+torch = pytest.importorskip(
+    "torch", reason="PyTorch is the optional [torch] extra that --mode=import needs (CI installs it)"
+)
+import torch_reference_models as reference  # noqa: E402  (needs torch)
+
+# The reference cifar.py normalises CIFAR-10 and CIFAR-100 with these values.
+REFERENCE_MEAN = (0.49139968, 0.48215827, 0.44653124)
+REFERENCE_STD = (0.24703233, 0.24348505, 0.26158768)
+CIFAR = {"resnet32", "resnet110", "resnet1202", "wrn_16_8", "wrn_28_10",
+         "densenet_40_12", "densenet_100_12", "densenet_bc_100_12"}
+IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+IMAGENET_TEST_SIZE = 64  # the ImageNet ResNets at 64x64: their final feature map is 2x2
+NUM_CLASSES = 10  # the quick-start sample is CIFAR-10
+
+
+def gin_text(arch: str, mode: str = "dhm", extra: str = "") -> str:
+    lines = [
+        "include 'gin/quickstart.gin'",
+        f"model.name = '{arch}'",
+        f"model.mode = '{mode}'",
+        f"dataset.mean = {list(REFERENCE_MEAN)}",
+        f"dataset.std = {list(REFERENCE_STD)}",
+    ]
+    if arch in IMAGENET:
+        lines.append(f"dataset.image_size = [{IMAGENET_TEST_SIZE}, {IMAGENET_TEST_SIZE}]")
+    return "\n".join(lines) + "\n" + extra
+
+
+def run_cli(tmp_path, arch, model_dir, checkpoint, mode="dhm", extra="", cli_mode="import", check=True):
+    gin_file = tmp_path / f"{arch}_{mode}.gin"
+    gin_file.write_text(gin_text(arch, mode, extra))
+    args = [sys.executable, "-m", "dhm_keras.main", f"--mode={cli_mode}", f"--gin_file={gin_file}",
+            f"--model_dir={model_dir}"]
+    if checkpoint:
+        args.append(f"--checkpoint={checkpoint}")
+    proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def save_reference(model, path, wrapped: bool, state=None):
+    """As the reference scripts save: `save_checkpoint`'s dict around a
+    DataParallel state dict (`module.` keys), or a bare state dict."""
+    state = dict(model.state_dict() if state is None else state)
+    if wrapped:
+        torch.save({
+            "epoch": 164,
+            "arch": "x",
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+            "best_prec1": torch.tensor(71.5),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "momentum": 0.9, "params": [0, 1]}]},
+        }, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def input_size(arch):
+    return IMAGENET_TEST_SIZE if arch in IMAGENET else 32
+
+
+def reference_model(arch, num_classes=NUM_CLASSES, seed=0):
+    model = reference.build(arch, num_classes, native_pooling=arch not in IMAGENET)
+    return reference.randomize_(model, seed).eval()
+
+
+def torch_logits(model, images_nhwc):
+    with torch.no_grad():
+        return [t.numpy() for t in model(torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))))]
+
+
+def max_relative_difference(got, want):
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+
+
+def keras_heads(arch, checkpoint, mode="dhm"):
+    """Every head's eval-mode logits function, from the imported checkpoint."""
+    from dhm_keras import checkpoints, models
+
+    size = input_size(arch)
+    network = models.build(arch, NUM_CLASSES, mode=mode, input_shape=(size, size, 3))
+    # The checkpoint is the training model's (DHMModel): load it into one.
+    from dhm_keras.model import DHMModel
+    from official.modeling.optimization import build_sgd
+
+    model = DHMModel(network, mode=mode)
+    model.compile(optimizer=build_sgd(steps_per_epoch=1), jit_compile=False)
+    checkpoints.load(model, checkpoint)
+    return lambda images: {k: np.asarray(v) for k, v in network(images, training=False).items()}
+
+
+# Every architecture the reference defines; alternate the two ways of saving.
+@pytest.mark.parametrize("arch", reference.ARCHITECTURES)
+def test_import_matches_reference_logits_of_every_head(tmp_path, arch):
+    model = reference_model(arch)
+    wrapped = reference.ARCHITECTURES.index(arch) % 2 == 0
+    checkpoint = save_reference(model, tmp_path / f"{arch}.pth.tar", wrapped=wrapped)
+    model_dir = tmp_path / "run"
+    proc = run_cli(tmp_path, arch, model_dir, checkpoint)
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["imported"]["heads"] == ["b0", "b1", "b2"]
+
+    size = input_size(arch)
+    images = np.random.default_rng(1).normal(size=(3, size, size, 3)).astype("float32")
+    want = torch_logits(model, images)
+    got = keras_heads(arch, summary["checkpoint"])(images)
+    for index, head in enumerate(("b0", "b1", "b2")):
+        assert np.std(want[index]) > 1e-3, "degenerate reference logits"
+        assert max_relative_difference(got[head], want[index]) <= 1e-4, head
+
+
+def serve(export_dir, images_uint8):
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    return served(images=tf.constant(images_uint8))["logits"].numpy()
+
+
+def reference_normalised(images_uint8):
+    return ((images_uint8.astype("float32") / 255.0 - np.float32(REFERENCE_MEAN)) / np.float32(REFERENCE_STD)).astype(
+        "float32"
+    )
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "densenet_40_12", "resnet50"])
+def test_export_of_main_branch_checkpoint_serves_reference_logits(tmp_path, arch):
+    """A checkpoint of the backbone and `fc` only imports into B0 (baseline)
+    and serves B0's logits on uint8 images, normalisation included."""
+    model = reference_model(arch, seed=3)
+    checkpoint = save_reference(model, tmp_path / "main.pth", wrapped=True, state=reference.main_branch_state_dict(model))
+    proc = run_cli(tmp_path, arch, tmp_path / "run", checkpoint, mode="baseline")
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["imported"]["heads"] == ["b0"]
+    size = input_size(arch)
+    images = np.random.default_rng(2).integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
+    want = torch_logits(model, reference_normalised(images))[0]
+    assert max_relative_difference(serve(summary["export"], images), want) <= 1e-4
+
+
+def test_full_checkpoint_export_serves_b0_and_eval_and_training_continue(tmp_path):
+    """The export of a full DHM import serves B0; --mode=eval scores the
+    imported checkpoint; --mode=train in the same directory starts from it."""
+    arch = "resnet32"
+    model = reference_model(arch, seed=5)
+    checkpoint = save_reference(model, tmp_path / "full.pth.tar", wrapped=False)
+    extra = (
+        "dataset.train_split = 'train[:128]'\ndataset.eval_split = 'test[:64]'\n"
+        "train.batch_size = 64\ntrain.epochs = 1\ntrain.collapse_check_steps = 0\n"
+        # lr 0 and no decay: training must leave every kernel as imported,
+        # which shows that it started from the imported weights.
+        "build_sgd.learning_rate = 0.0\nbuild_sgd.weight_decay = 0.0\nbuild_sgd.warmup_epochs = 0\n"
+    )
+    model_dir = tmp_path / "run"
+    proc = run_cli(tmp_path, arch, model_dir, checkpoint, extra=extra)
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    images = np.random.default_rng(4).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    want = torch_logits(model, reference_normalised(images))[0]
+    assert max_relative_difference(serve(summary["export"], images), want) <= 1e-4
+    record = json.loads((model_dir / "import.json").read_text())
+    assert record["reference_metadata"] == {} and record["heads"] == ["b0", "b1", "b2"]
+
+    evaluated = run_cli(tmp_path, arch, model_dir, None, extra=extra, cli_mode="eval")
+    assert json.loads((model_dir / "eval.json").read_text())["checkpoint"].endswith("epoch_000.weights.h5"), evaluated.stdout
+
+    trained = run_cli(tmp_path, arch, model_dir, None, extra=extra, cli_mode="train")
+    assert "after epoch 0" in trained.stderr
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["completed"]
+    import h5py
+
+    def kernels(path):
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if "conv" in name and getattr(obj, "ndim", 0) == 4 else None)
+        return found
+
+    before = kernels(model_dir / "checkpoints" / "epoch_000.weights.h5")
+    after = kernels(model_dir / "checkpoints" / "epoch_001.weights.h5")
+    assert before and before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def assert_untouched(model_dir, tmp_path, existed=False):
+    if existed:
+        assert os.listdir(model_dir) == []
+    else:
+        assert not model_dir.exists()
+    assert not [p for p in os.listdir(model_dir.parent) if ".import-" in p], "staging directory left behind"
+
+
+def test_main_branch_checkpoint_into_dhm_names_missing_heads(tmp_path):
+    model = reference_model("resnet32")
+    checkpoint = save_reference(model, tmp_path / "main.pth", wrapped=False, state=reference.main_branch_state_dict(model))
+    model_dir = tmp_path / "run"
+    line = one_line_error(run_cli(tmp_path, "resnet32", model_dir, checkpoint, check=False))
+    assert "CheckpointImportError" in line and "missing" in line and "layer2_head2.0.conv1.weight" in line
+    assert "model.name = 'resnet32' with the main branch only (model.mode = 'baseline')" in line
+    assert_untouched(model_dir, tmp_path)
+
+
+def test_full_checkpoint_into_baseline_names_left_over_tensors(tmp_path):
+    model = reference_model("wrn_16_8")
+    checkpoint = save_reference(model, tmp_path / "full.pth.tar", wrapped=True)
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()  # an existing empty directory stays as it was
+    line = one_line_error(run_cli(tmp_path, "wrn_16_8", model_dir, checkpoint, mode="baseline", check=False))
+    assert "left over" in line and "fc_head1.weight" in line
+    assert "model.name = 'wrn_16_8' with every head" in line
+    assert_untouched(model_dir, tmp_path, existed=True)
+
+
+def test_other_architecture_is_named(tmp_path):
+    model = reference_model("resnet110")
+    checkpoint = save_reference(model, tmp_path / "r110.pth.tar", wrapped=True)
+    line = one_line_error(run_cli(tmp_path, "resnet32", tmp_path / "run", checkpoint, check=False))
+    assert "model.name = 'resnet110'" in line and "left over" in line
+
+
+def test_bottleneck_and_basic_resnets_with_the_same_block_counts_are_told_apart(tmp_path):
+    from dhm_keras import pytorch_import
+
+    for arch in ("resnet34", "resnet50"):
+        state = reference.build(arch, 5, native_pooling=False).state_dict()
+        found = pytorch_import.ReferenceCheckpoint("x.pth", {k: v.numpy() for k, v in state.items()}, {})
+        assert pytorch_import.looks_like(found) == (
+            f"it looks like model.name = '{arch}' with every head (model.mode = 'dsl' or 'dhm')"
+        )
+
+
+def test_class_count_mismatch_names_both_shapes(tmp_path):
+    model = reference_model("resnet32", num_classes=100)
+    checkpoint = save_reference(model, tmp_path / "c100.pth.tar", wrapped=True)
+    model_dir = tmp_path / "run"
+    line = one_line_error(run_cli(tmp_path, "resnet32", model_dir, checkpoint, check=False))
+    assert "(100, 64)" in line and "(10, 64)" in line and "100 classes" in line
+    assert_untouched(model_dir, tmp_path)
+
+
+def test_file_that_is_not_a_pytorch_checkpoint(tmp_path):
+    bogus = tmp_path / "weights.h5"
+    bogus.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(256))
+    model_dir = tmp_path / "run"
+    line = one_line_error(run_cli(tmp_path, "resnet32", model_dir, bogus, check=False))
+    assert "is not a PyTorch checkpoint" in line
+    assert_untouched(model_dir, tmp_path)
+
+
+def test_not_empty_model_dir_is_refused_untouched(tmp_path):
+    model = reference_model("resnet32")
+    checkpoint = save_reference(model, tmp_path / "r32.pth", wrapped=False)
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "notes.txt").write_text("mine")
+    line = one_line_error(run_cli(tmp_path, "resnet32", model_dir, checkpoint, check=False))
+    assert "not empty" in line
+    assert os.listdir(model_dir) == ["notes.txt"]
+
+
+def test_failure_after_conversion_leaves_no_trace(tmp_path, monkeypatch):
+    """A failure while the run is being written (here: the export) removes the
+    staging directory: nothing appears under --model_dir."""
+    import gin
+
+    from dhm_keras import experiment, train_lib
+    from dhm_keras.gin_utils import parse_gin
+
+    checkpoint = save_reference(reference_model("resnet32"), tmp_path / "r32.pth", wrapped=False)
+    gin_file = tmp_path / "r32.gin"
+    gin_file.write_text(gin_text("resnet32"))
+    monkeypatch.chdir(REPO_ROOT)
+    parse_gin([str(gin_file)], [])
+    try:
+        config = experiment.from_gin()
+
+        def broken_export(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(train_lib, "export_main_branch", broken_export)
+        model_dir = tmp_path / "run"
+        with pytest.raises(OSError, match="No space"):
+            train_lib.import_checkpoint(str(model_dir), str(checkpoint), config=config)
+        assert_untouched(model_dir, tmp_path)
+    finally:
+        gin.clear_config()
