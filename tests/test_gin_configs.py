@@ -33,7 +33,7 @@ RECIPES = {
 }
 MODE_NAMES = ("baseline", "dsl", "dhm")
 # Recipes outside the paper's tables: the CPU demonstration and re-identification.
-OTHER_RECIPES = {"gin/demo/noisy5k_recipe.gin", "gin/reid/reid_recipe.gin"}
+OTHER_RECIPES = {"gin/demo/noisy5k_recipe.gin", "gin/reid/reid_recipe.gin", "gin/import/authors_cifar_recipe.gin"}
 
 
 def recipe_of(gin_file):

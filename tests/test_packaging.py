@@ -112,7 +112,7 @@ def test_installed_command_help_lists_the_project_flags(installed_venv):
                             text=True, timeout=300, env=clean_env())
     for flag in PROJECT_FLAGS:
         assert flag in result.stdout, f"{flag} missing from dhm-train --help:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
-    assert "Gin config file(s)" in result.stdout and "Train, evaluate or export" in result.stdout
+    assert "Gin config file(s)" in result.stdout and "Train, evaluate, export or import" in result.stdout
 
 
 def test_installed_package_finds_the_quickstart_from_anywhere(installed_venv):

@@ -3,16 +3,14 @@
 The yardstick is `torch_reference_models`, PyTorch definitions written from
 the reference model files with the reference's module names: each test gives
 one random weights and BatchNorm statistics, saves it the way the reference
-scripts do, imports it through the CLI, and compares the logits of every head
-(and of the served B0) with PyTorch's own.
+scripts do, imports it through the CLI, and compares logits with PyTorch's own.
+Every architecture's own test is in `test_pytorch_import_architectures.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,112 +21,10 @@ torch = pytest.importorskip(
     "torch", reason="PyTorch is the optional [torch] extra that --mode=import needs (CI installs it)"
 )
 import torch_reference_models as reference  # noqa: E402  (needs torch)
-
-# The reference cifar.py normalises CIFAR-10 and CIFAR-100 with these values.
-REFERENCE_MEAN = (0.49139968, 0.48215827, 0.44653124)
-REFERENCE_STD = (0.24703233, 0.24348505, 0.26158768)
-CIFAR = {"resnet32", "resnet110", "resnet1202", "wrn_16_8", "wrn_28_10",
-         "densenet_40_12", "densenet_100_12", "densenet_bc_100_12"}
-IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
-IMAGENET_TEST_SIZE = 64  # the ImageNet ResNets at 64x64: their final feature map is 2x2
-NUM_CLASSES = 10  # the quick-start sample is CIFAR-10
-
-
-def gin_text(arch: str, mode: str = "dhm", extra: str = "") -> str:
-    lines = [
-        "include 'gin/quickstart.gin'",
-        f"model.name = '{arch}'",
-        f"model.mode = '{mode}'",
-        f"dataset.mean = {list(REFERENCE_MEAN)}",
-        f"dataset.std = {list(REFERENCE_STD)}",
-    ]
-    if arch in IMAGENET:
-        lines.append(f"dataset.image_size = [{IMAGENET_TEST_SIZE}, {IMAGENET_TEST_SIZE}]")
-    return "\n".join(lines) + "\n" + extra
-
-
-def run_cli(tmp_path, arch, model_dir, checkpoint, mode="dhm", extra="", cli_mode="import", check=True):
-    gin_file = tmp_path / f"{arch}_{mode}.gin"
-    gin_file.write_text(gin_text(arch, mode, extra))
-    args = [sys.executable, "-m", "dhm_keras.main", f"--mode={cli_mode}", f"--gin_file={gin_file}",
-            f"--model_dir={model_dir}"]
-    if checkpoint:
-        args.append(f"--checkpoint={checkpoint}")
-    proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def save_reference(model, path, wrapped: bool, state=None):
-    """As the reference scripts save: `save_checkpoint`'s dict around a
-    DataParallel state dict (`module.` keys), or a bare state dict."""
-    state = dict(model.state_dict() if state is None else state)
-    if wrapped:
-        torch.save({
-            "epoch": 164,
-            "arch": "x",
-            "state_dict": {f"module.{k}": v for k, v in state.items()},
-            "best_prec1": torch.tensor(71.5),
-            "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "momentum": 0.9, "params": [0, 1]}]},
-        }, path)
-    else:
-        torch.save(state, path)
-    return path
-
-
-def input_size(arch):
-    return IMAGENET_TEST_SIZE if arch in IMAGENET else 32
-
-
-def reference_model(arch, num_classes=NUM_CLASSES, seed=0):
-    model = reference.build(arch, num_classes, native_pooling=arch not in IMAGENET)
-    return reference.randomize_(model, seed).eval()
-
-
-def torch_logits(model, images_nhwc):
-    with torch.no_grad():
-        return [t.numpy() for t in model(torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))))]
-
-
-def max_relative_difference(got, want):
-    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
-
-
-def keras_heads(arch, checkpoint, mode="dhm"):
-    """Every head's eval-mode logits function, from the imported checkpoint."""
-    from dhm_keras import checkpoints, models
-
-    size = input_size(arch)
-    network = models.build(arch, NUM_CLASSES, mode=mode, input_shape=(size, size, 3))
-    # The checkpoint is the training model's (DHMModel): load it into one.
-    from dhm_keras.model import DHMModel
-    from official.modeling.optimization import build_sgd
-
-    model = DHMModel(network, mode=mode)
-    model.compile(optimizer=build_sgd(steps_per_epoch=1), jit_compile=False)
-    checkpoints.load(model, checkpoint)
-    return lambda images: {k: np.asarray(v) for k, v in network(images, training=False).items()}
-
-
-# Every architecture the reference defines; alternate the two ways of saving.
-@pytest.mark.parametrize("arch", reference.ARCHITECTURES)
-def test_import_matches_reference_logits_of_every_head(tmp_path, arch):
-    model = reference_model(arch)
-    wrapped = reference.ARCHITECTURES.index(arch) % 2 == 0
-    checkpoint = save_reference(model, tmp_path / f"{arch}.pth.tar", wrapped=wrapped)
-    model_dir = tmp_path / "run"
-    proc = run_cli(tmp_path, arch, model_dir, checkpoint)
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["imported"]["heads"] == ["b0", "b1", "b2"]
-
-    size = input_size(arch)
-    images = np.random.default_rng(1).normal(size=(3, size, size, 3)).astype("float32")
-    want = torch_logits(model, images)
-    got = keras_heads(arch, summary["checkpoint"])(images)
-    for index, head in enumerate(("b0", "b1", "b2")):
-        assert np.std(want[index]) > 1e-3, "degenerate reference logits"
-        assert max_relative_difference(got[head], want[index]) <= 1e-4, head
+from reference_checkpoints import (  # noqa: E402
+    REFERENCE_MEAN, REFERENCE_STD, gin_text, input_size, max_relative_difference, reference_model,
+    run_cli, save_reference, torch_logits,
+)
 
 
 def serve(export_dir, images_uint8):
@@ -226,7 +122,7 @@ def test_main_branch_checkpoint_into_dhm_names_missing_heads(tmp_path):
     checkpoint = save_reference(model, tmp_path / "main.pth", wrapped=False, state=reference.main_branch_state_dict(model))
     model_dir = tmp_path / "run"
     line = one_line_error(run_cli(tmp_path, "resnet32", model_dir, checkpoint, check=False))
-    assert "CheckpointImportError" in line and "missing" in line and "layer2_head2.0.conv1.weight" in line
+    assert "CheckpointImportError" in line and "tensors missing" in line and "fc_head1.weight" in line
     assert "model.name = 'resnet32' with the main branch only (model.mode = 'baseline')" in line
     assert_untouched(model_dir, tmp_path)
 
@@ -237,7 +133,7 @@ def test_full_checkpoint_into_baseline_names_left_over_tensors(tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()  # an existing empty directory stays as it was
     line = one_line_error(run_cli(tmp_path, "wrn_16_8", model_dir, checkpoint, mode="baseline", check=False))
-    assert "left over" in line and "fc_head1.weight" in line
+    assert "tensors left over (bn_head1.bias, bn_head1.running_mean" in line
     assert "model.name = 'wrn_16_8' with every head" in line
     assert_untouched(model_dir, tmp_path, existed=True)
 
