@@ -63,13 +63,18 @@ def resolve_config(config: Optional[experiment_lib.ExperimentConfig], data_dir: 
 
 
 def build_experiment(
-    config: experiment_lib.ExperimentConfig, training: bool = True, recorded_precision: Optional[dict] = None
+    config: experiment_lib.ExperimentConfig,
+    training: bool = True,
+    recorded_precision: Optional[dict] = None,
+    reads_records: bool = True,
 ) -> Experiment:
     """Strategy, the task's evaluation data and network, and the compiled DHM model.
 
     The training stream is built by `train` once the backup is restored: it
     starts at the restored epoch, so a resumed run reads the epochs it has
     not finished in the order an uninterrupted run would have read them.
+    `reads_records=False` (an import): no data is opened, and the dataset
+    need not be prepared where the task knows its metadata without it.
     """
     train = config.train
     keras.utils.set_random_seed(train.seed)
@@ -81,12 +86,13 @@ def build_experiment(
     config = config.with_resolved_precision(
         performance.apply_precision_policy(config.precision_args["policy"], recorded_precision)
     )
-    task = tasks.get_task(config)
+    task = tasks.get_task(config) if reads_records else tasks.get_task(config).without_records()
     task.dataset_info()  # a missing dataset or a class-count mismatch fails first
-    task.check_inputs(training)  # so do missing record files: nothing is written yet
+    if reads_records:
+        task.check_inputs(training)  # so do missing record files: nothing is written yet
     image_shape = task.image_shape()
     steps_per_epoch = task.steps_per_epoch() if training else 1
-    eval_ds = task.build_eval_inputs()
+    eval_ds = task.build_eval_inputs() if reads_records else None
     mimic = config.mimicking
     with strategy.scope():
         model = DHMModel(
@@ -385,7 +391,7 @@ def import_checkpoint(
             f"model_dir {model_dir} is not empty; import into a new --model_dir (an import starts a run)"
         )
     source = pytorch_import.read_checkpoint(checkpoint)  # before anything is built or written
-    exp = build_experiment(config, training=False)
+    exp = build_experiment(config, training=False, reads_records=False)
     with exp.strategy.scope():
         exp.model.optimizer.build(exp.model.trainable_variables)  # its (zero) slots go into the checkpoint
     model_cfg, info = config.model, exp.task.dataset_info()

@@ -38,9 +38,10 @@ def gin_text(arch: str, mode: str = "dhm", extra: str = "") -> str:
     return "\n".join(lines) + "\n" + extra
 
 
-def run_cli(tmp_path, arch, model_dir, checkpoint, mode="dhm", extra="", cli_mode="import", check=True):
+def run_cli(tmp_path, arch, model_dir, checkpoint, mode="dhm", extra="", cli_mode="import", check=True, gin=None):
+    """`python -m dhm_keras.main --mode=<cli_mode>` on `gin` (default: `gin_text`)."""
     gin_file = tmp_path / f"{arch}_{mode}.gin"
-    gin_file.write_text(gin_text(arch, mode, extra))
+    gin_file.write_text(gin if gin is not None else gin_text(arch, mode, extra))
     args = [sys.executable, "-m", "dhm_keras.main", f"--mode={cli_mode}", f"--gin_file={gin_file}",
             f"--model_dir={model_dir}"]
     if checkpoint:

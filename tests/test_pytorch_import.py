@@ -55,6 +55,29 @@ def test_export_of_main_branch_checkpoint_serves_reference_logits(tmp_path, arch
     assert max_relative_difference(serve(summary["export"], images), want) <= 1e-4
 
 
+def test_imagenet_classes_import_and_serve_without_imagenet(tmp_path):
+    """The authors' ImageNet models can be converted and served before (or
+    without) preparing imagenet2012: TFDS knows its 1,000 classes and their
+    names, the recipe the input size and the normalisation."""
+    model = reference_model("resnet18", num_classes=1000, seed=7)
+    checkpoint = save_reference(model, tmp_path / "resnet18.pth", wrapped=False, state=reference.main_branch_state_dict(model))
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    gin = (
+        "include 'gin/imagenet/resnet18_baseline.gin'\n"
+        f"dataset.data_dir = '{empty}'\n"
+        "dataset.image_size = [64, 64]\n"  # small for the test; the recipe's is 224
+    )
+    proc = run_cli(tmp_path, "resnet18", tmp_path / "run", checkpoint, gin=gin)
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    images = np.random.default_rng(8).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    imagenet_mean, imagenet_std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    want = torch_logits(model, ((images / np.float32(255.0) - imagenet_mean) / imagenet_std).astype("float32"))[0]
+    assert max_relative_difference(serve(summary["export"], images), want) <= 1e-4
+    names = (tmp_path / "run" / "export" / "1" / "assets" / "class_names.txt").read_text().split()
+    assert len(names) == 1000 and names[0] == "n01440764"
+
+
 def test_full_checkpoint_export_serves_b0_and_eval_and_training_continue(tmp_path):
     """The export of a full DHM import serves B0; --mode=eval scores the
     imported checkpoint; --mode=train in the same directory starts from it."""

@@ -217,14 +217,27 @@ def _check_features(builder: tfds.core.DatasetBuilder) -> Tuple[tuple, int]:
     return shape, int(label.num_classes)
 
 
-def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
+def dataset_info(name: str, data_dir: Optional[str] = None, require_prepared: bool = True) -> DatasetInfo:
     """Reads class count, image shape and split sizes from TFDS metadata.
 
     Reads only `dataset_info.json`/`features.json` (nothing is decoded or
     downloaded). Raises `DatasetNotFoundError` if the dataset is missing.
     Grayscale datasets report 3 channels, as the pipeline delivers them.
+
+    `require_prepared=False` accepts a dataset that TFDS registers but that
+    is not prepared: its features (class count and names) come from TFDS's
+    own code and it has no splits. For work that reads no record, such as
+    converting a checkpoint to serve ImageNet classes without ImageNet.
     """
-    builder = _builder(name, data_dir)
+    try:
+        builder = _builder(name, data_dir)
+    except DatasetNotFoundError:
+        if require_prepared:
+            raise
+        try:
+            builder = tfds.builder(name, data_dir=_resolve_data_dir(data_dir))
+        except tfds.core.registered.DatasetNotFoundError:
+            raise _not_found(name, data_dir, "no such builder or files") from None
     shape, num_classes = _check_features(builder)
     split_dict = builder.info.splits
     return DatasetInfo(

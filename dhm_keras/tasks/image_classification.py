@@ -50,6 +50,14 @@ class ImageClassificationTask(base_task.Task):
     def __init__(self, config):
         super().__init__(config)
         self._info = None
+        self._require_prepared = True
+
+    def without_records(self) -> "ImageClassificationTask":
+        """A TFDS dataset that is registered but not prepared (imagenet2012
+        before its manual download) still names its classes."""
+        task = type(self)(self.config)
+        task._require_prepared = False
+        return task
 
     # -- data -----------------------------------------------------------------
     def dataset_info(self):
@@ -74,7 +82,7 @@ class ImageClassificationTask(base_task.Task):
             )
         if dataset.random_erasing:
             raise ValueError("dataset.random_erasing is only supported by task.name = 'person_reid'")
-        return pipeline.dataset_info(dataset.name, dataset.data_dir)
+        return pipeline.dataset_info(dataset.name, dataset.data_dir, require_prepared=self._require_prepared)
 
     def image_shape(self) -> tuple:
         """(H, W, 3) the network takes: `dataset.image_size`, else the dataset's own."""

@@ -63,6 +63,13 @@ class Task(abc.ABC):
     def __init__(self, config):
         self.config = config
 
+    def without_records(self) -> "Task":
+        """This task for work that needs the dataset's metadata (class count,
+        names, normalisation) but reads no record: converting a foreign
+        checkpoint for serving. Default: the task itself, i.e. the data must be
+        there; a task whose metadata exists without its data overrides it."""
+        return self
+
     # -- data -----------------------------------------------------------------
     @abc.abstractmethod
     def dataset_info(self):
