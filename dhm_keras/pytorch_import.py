@@ -95,10 +95,10 @@ REFERENCE_NAMING: Dict[str, ReferenceNaming] = {
     "basic": ReferenceNaming(stem={"conv": "conv1", "bn": "bn1"}, parts=_TORCHVISION_PARTS),
     "bottleneck": ReferenceNaming(stem={"conv": "conv1", "bn": "bn1"}, parts=_TORCHVISION_PARTS),
     # models/cifar/densenet.py: a basic dense layer is `bn` + `conv`; a
-    # bottleneck (BC) layer keeps bn1/conv1/bn2/conv2 (see `_dense_parts`).
-    "dense": ReferenceNaming(stem={"conv": "conv1"}),
+    # bottleneck (BC) layer keeps bn1/conv1/bn2/conv2 (`naming_for` picks).
+    "dense": ReferenceNaming(stem={"conv": "conv1"}, parts={"bn1": "bn", "conv1": "conv"}),
+    "dense_bc": ReferenceNaming(stem={"conv": "conv1"}),
 }
-_DENSE_BASIC_PARTS = {"bn1": "bn", "conv1": "conv"}
 
 # Keras variable name -> the reference's tensor name within the module.
 _TENSOR_NAMES = {
@@ -195,7 +195,8 @@ def _first_line(error: BaseException) -> str:
 
 def naming_for(spec) -> ReferenceNaming:
     """The reference's naming for `spec`'s block family, or a `CheckpointImportError`."""
-    naming = REFERENCE_NAMING.get(spec.block)
+    bottleneck_dense = spec.block == "dense" and spec.options.get("bottleneck", False)
+    naming = REFERENCE_NAMING.get("dense_bc" if bottleneck_dense else spec.block)
     if naming is None:
         raise CheckpointImportError(
             f"the reference code defines no {spec.name} (block type {spec.block!r}); "
@@ -220,19 +221,12 @@ def reference_module(layer_name: str, spec) -> str:
     match = _BLOCK_LAYER.match(rest)
     if match:
         stage, block, part = match.groups()
-        parts = {**naming.parts, **_dense_parts(spec)}
-        return f"layer{int(stage)}{suffix}.{int(block)}.{parts.get(part, part)}"
+        return f"layer{int(stage)}{suffix}.{int(block)}.{naming.parts.get(part, part)}"
     match = _TRANSITION_LAYER.match(rest)
     if match:
         stage, part = match.groups()
         return f"transition{int(stage)}{suffix}.{part}"
     raise CheckpointImportError(f"{spec.name}: layer {layer_name!r} has no counterpart in the reference code")
-
-
-def _dense_parts(spec) -> Mapping[str, str]:
-    if spec.block == "dense" and not spec.options.get("bottleneck", False):
-        return _DENSE_BASIC_PARTS
-    return {}
 
 
 def reference_tensors(network, spec) -> Dict[str, Tuple[object, str]]:

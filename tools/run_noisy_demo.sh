@@ -4,7 +4,8 @@
 # for each seed, one run after the other (each gets every core: faster in total
 # than several at once on a small machine; seed 0 of every mode comes first, so an
 # interrupted invocation still has complete seeds), then the curves figure and the
-# results table over all seeds. Re-running resumes unfinished runs and skips
+# results table over all seeds, and the README's table (summary.md,
+# tools/noisy_demo_summary.py). Re-running resumes unfinished runs and skips
 # finished ones (the trainer's own resume).
 # Usage: tools/run_noisy_demo.sh [DATA_DIR] [OUT_DIR] [SEEDS]   (SEEDS: "0 1")
 set -euo pipefail
@@ -28,3 +29,4 @@ runs_of() { local mode=$1 list=""; for seed in $SEEDS; do list="${list:+$list,}$
 all_runs=()
 for mode in $MODES; do for seed in $SEEDS; do all_runs+=("$OUT/${mode}_s${seed}"); done; done
 "$PY" -m dhm_keras.analysis.report --output="$OUT/report.md" "${all_runs[@]}"
+"$PY" tools/noisy_demo_summary.py "$OUT" > "$OUT/summary.md"
