@@ -245,8 +245,17 @@ def export_image_classifier(
         table = _class_name_table(class_names, num_classes, names_dir) if class_names else None
         keys = ("logits", "probabilities", "classes", "scores") + (("class_names",) if table is not None else ())
 
+        # One traced graph of the network that all three signatures call:
+        # tracing it once per signature tripled the export time of deep
+        # networks (ResNet-1202's B0 took minutes per trace on 2 CPU cores).
+        @tf.function(input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32)], autograph=False)
+        def network_logits(pixels: tf.Tensor) -> tf.Tensor:
+            return tf.cast(model(preprocess(pixels), training=False), tf.float32)
+
+        network_logits = network_logits.get_concrete_function()  # traced here, once
+
         def predict(pixels: tf.Tensor) -> tuple:
-            logits = tf.cast(model(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
+            logits = network_logits(tf.cast(pixels, tf.float32))
             probabilities = tf.nn.softmax(logits, axis=-1)
             scores, classes = tf.math.top_k(probabilities, k=k)
             names = (table.lookup(tf.cast(classes, tf.int64)),) if table is not None else ()
