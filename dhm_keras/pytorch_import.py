@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -39,8 +40,8 @@ from dhm_keras import heads as heads_lib
 
 TORCH_MISSING = (
     "PyTorch is not installed, and it is needed to read a .pth checkpoint (and only for that): "
-    "pip install 'dhm-keras[torch]' (from a clone: pip install -e '.[torch]'), or just "
-    "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU build is enough)"
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu (the CPU build is enough; "
+    "or the project's [torch] extra, pip install -e '.[torch]' in the clone)"
 )
 
 
@@ -81,6 +82,9 @@ class ReferenceNaming:
     stem: Mapping[str, str]
     parts: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+
+# The reference's networks have two auxiliary heads (fc_head1, fc_head2).
+REFERENCE_BRANCHES = 2
 
 _TORCHVISION_PARTS = {"shortcut_conv": "downsample.0", "shortcut_bn": "downsample.1"}
 
@@ -131,7 +135,9 @@ def read_checkpoint(path: str) -> ReferenceCheckpoint:
     except ImportError as e:
         raise CheckpointImportError(TORCH_MISSING) from e
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle warnings would add lines to a one-line error
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointImportError(f"--checkpoint={path} does not exist") from None
     except IsADirectoryError:
@@ -139,19 +145,56 @@ def read_checkpoint(path: str) -> ReferenceCheckpoint:
             f"--checkpoint={path} is a directory; --mode=import reads a PyTorch .pth/.pth.tar file"
         ) from None
     except Exception as e:  # pickle, zip and torch errors of every kind
-        raise CheckpointImportError(
-            f"{path} is not a PyTorch checkpoint that can be read safely ({_first_line(e)}); "
-            "--mode=import reads the .pth/.pth.tar files of the reference code (torch.save of a "
-            "state_dict, or of a dict holding one under 'state_dict')"
-        ) from e
+        raise CheckpointImportError(f"{path} {_why_unreadable(e)}") from e
     state, metadata = _split(saved, path, torch)
     tensors = {}
     for key, value in state.items():
-        key = _strip_parallel_prefix(key)
-        if key.endswith("num_batches_tracked"):
+        name = _strip_parallel_prefix(key)
+        if name.endswith("num_batches_tracked"):
             continue  # BatchNorm's step counter: nothing here uses it
-        tensors[key] = value.detach().to(torch.float32).cpu().numpy()
+        if name in tensors:
+            raise CheckpointImportError(
+                f"{path} holds {name!r} twice (once as {key!r}): with the DataParallel prefix "
+                "'module.' removed, two tensors claim one place"
+            )
+        tensors[name] = _as_array(value, name, path, torch)
     return ReferenceCheckpoint(path, tensors, metadata)
+
+
+def _as_array(value, key: str, path: str, torch) -> np.ndarray:
+    """A dense, finite float32 copy of one tensor, or a `CheckpointImportError`."""
+    if value.layout != torch.strided or value.is_quantized or not (
+        value.is_floating_point() or value.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
+    ):
+        raise CheckpointImportError(
+            f"{path}: {key} is a {value.dtype} tensor in {value.layout} layout{' (quantized)' if value.is_quantized else ''}; "
+            "only dense real-valued tensors, as the reference code saves them, can be imported"
+        )
+    array = value.detach().to(torch.float32).cpu().numpy()
+    if not np.all(np.isfinite(array)):
+        raise CheckpointImportError(
+            f"{path}: {key} holds NaN or infinite values ({int(np.sum(~np.isfinite(array)))} of "
+            f"{array.size}): the network it came from is broken; import an earlier checkpoint"
+        )
+    return array
+
+
+def _why_unreadable(error: BaseException) -> str:
+    """Our words for why `torch.load(weights_only=True)` refused a file (its own
+    message ends in advice to load unsafely, which we do not give)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(error).split()))
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (
+            f"holds Python objects besides tensors and plain values ({unsafe.group(1)}); such a file "
+            "can run code when loaded, so it is not read. Save model.state_dict() (or the reference's "
+            "save_checkpoint dict) and import that"
+        )
+    return (
+        f"is not a PyTorch checkpoint, or a damaged one ({text[:160]}); --mode=import reads the "
+        ".pth/.pth.tar files of the reference code (torch.save of a state_dict, or of a dict "
+        "holding one under 'state_dict')"
+    )
 
 
 def _split(saved, path: str, torch) -> Tuple[Mapping, Dict[str, object]]:
@@ -185,22 +228,20 @@ def _strip_parallel_prefix(key: str) -> str:
     return key
 
 
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:200]
-
-
 # ----------------------------------------------------------------------------- names
 
 
 def naming_for(spec) -> ReferenceNaming:
-    """The reference's naming for `spec`'s block family, or a `CheckpointImportError`."""
+    """The reference's naming for `spec`, or a `CheckpointImportError` for a
+    network the reference does not define (MobileNet, ResNet-18's B3)."""
     bottleneck_dense = spec.block == "dense" and spec.options.get("bottleneck", False)
     naming = REFERENCE_NAMING.get("dense_bc" if bottleneck_dense else spec.block)
-    if naming is None:
+    extra = [b.name for b in spec.branches if heads_lib.index(b.name) > REFERENCE_BRANCHES]
+    if naming is None or extra:
+        what = f"block type {spec.block!r}" if naming is None else f"branch {', '.join(extra)}"
         raise CheckpointImportError(
-            f"the reference code defines no {spec.name} (block type {spec.block!r}); "
-            f"--mode=import knows the architectures of {', '.join(sorted(importable_models()))}"
+            f"the reference code defines no {spec.name} with {what}, so it has no checkpoint to import; "
+            f"--mode=import knows {', '.join(importable_models())} (B0, B1, B2)"
         )
     return naming
 
@@ -278,10 +319,11 @@ def assign(network, spec, checkpoint: ReferenceCheckpoint, describe: str) -> Lis
     missing = sorted(set(wanted) - set(found), key=_natural)
     unused = sorted(set(found) - set(wanted), key=_natural)
     if missing or unused:
+        branched = any(heads_lib.head_of_layer(layer) != heads_lib.MAIN for _, layer in wanted.values())
         raise CheckpointImportError(
             f"{checkpoint.path} does not fit {describe}: {_listing(missing, 'missing')}"
             f"{' and ' if missing and unused else ''}{_listing(unused, 'left over')}; "
-            f"{looks_like(checkpoint, spec)}"
+            f"{looks_like(checkpoint, (spec.name, branched))}"
         )
     values = []
     for key, (variable, layer_name) in wanted.items():
@@ -301,9 +343,9 @@ def _shape_hint(key: str, found_shape, variable) -> str:
     if key.startswith("fc") and key.endswith(".weight"):
         return (
             f"the checkpoint predicts {found_shape[0]} classes, this configuration "
-            f"{int(variable.shape[-1])}: set model.num_classes / dataset.name to the checkpoint's"
+            f"{int(variable.shape[-1])}: import it with a dataset of {found_shape[0]} classes (dataset.name)"
         )
-    return "another architecture or width: check model.name"
+    return "another architecture or width: check model.name and model.overrides"
 
 
 def _listing(keys: List[str], what: str) -> str:
@@ -311,7 +353,7 @@ def _listing(keys: List[str], what: str) -> str:
         return ""
     shown = ", ".join(keys[:4])
     more = f", ... ({len(keys) - 4} more)" if len(keys) > 4 else ""
-    return f"{len(keys)} tensors {what} ({shown}{more})"
+    return f"{len(keys)} tensor{'s' if len(keys) > 1 else ''} {what} ({shown}{more})"
 
 
 def _natural(key: str):
@@ -329,7 +371,7 @@ def importable_models() -> List[str]:
     return sorted(
         name
         for name, spec in specs_lib.SPECS.items()
-        if spec.block in REFERENCE_NAMING and all(heads_lib.index(b.name) <= 2 for b in spec.branches)
+        if spec.block in REFERENCE_NAMING and all(heads_lib.index(b.name) <= REFERENCE_BRANCHES for b in spec.branches)
     )
 
 
@@ -353,11 +395,14 @@ def spec_block_counts(spec, with_branches: bool) -> Dict[str, int]:
     return counts
 
 
-def looks_like(checkpoint: ReferenceCheckpoint, configured=None) -> str:
+def looks_like(checkpoint: ReferenceCheckpoint, configured: Optional[Tuple[str, bool]] = None) -> str:
     """One clause saying which architecture the checkpoint's block counts match.
 
     Block counts per stage tell the reference's architectures apart except
     ResNet-34 / ResNet-50, which differ in their blocks' parts (conv3).
+    `configured`: (model name, whether it has branches) of the network the
+    checkpoint was meant for; when the checkpoint matches exactly that, the
+    clause says so instead of naming it back.
     """
     from dhm_keras.models import specs as specs_lib  # pylint: disable=import-outside-toplevel
 
@@ -372,6 +417,8 @@ def looks_like(checkpoint: ReferenceCheckpoint, configured=None) -> str:
     matches = [name for name in importable_models() if fits(specs_lib.SPECS[name])]
     heads = "every head (model.mode = 'dsl' or 'dhm')" if has_branches else "the main branch only (model.mode = 'baseline')"
     stated = f"; its 'arch' entry says {checkpoint.arch!r}" if checkpoint.arch else ""
+    if configured is not None and matches == [configured[0]] and has_branches == configured[1]:
+        return f"its architecture and heads are the configured ones, but the tensors named differ{stated}"
     if matches:
         names = " or ".join(f"model.name = '{m}'" for m in matches)
         return f"it looks like {names} with {heads}{stated}"

@@ -386,26 +386,32 @@ def import_checkpoint(
             "--mode=import needs --checkpoint=<file.pth or file.pth.tar> (a checkpoint of the reference PyTorch code)"
         )
     model_dir = os.path.abspath(model_dir)
-    if os.path.isdir(model_dir) and os.listdir(model_dir):
+    parent = os.path.dirname(model_dir)
+    if os.path.exists(model_dir) and not (os.path.isdir(model_dir) and not os.listdir(model_dir)):
         raise errors.ConfigMismatchError(
-            f"model_dir {model_dir} is not empty; import into a new --model_dir (an import starts a run)"
+            f"model_dir {model_dir} is {'not empty' if os.path.isdir(model_dir) else 'a file'}; "
+            "import into a new --model_dir (an import starts a run)"
         )
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise errors.ModelDirWriteError(f"cannot create --model_dir {model_dir}: {parent} is a file")
+    model_cfg = config.model
+    spec = specs_lib.with_overrides(specs_lib.get_spec(model_cfg.name), **(model_cfg.overrides or {}))
+    pytorch_import.naming_for(spec)  # a network the reference never defined fails first
     source = pytorch_import.read_checkpoint(checkpoint)  # before anything is built or written
     exp = build_experiment(config, training=False, reads_records=False)
     with exp.strategy.scope():
         exp.model.optimizer.build(exp.model.trainable_variables)  # its (zero) slots go into the checkpoint
-    model_cfg, info = config.model, exp.task.dataset_info()
-    spec = specs_lib.with_overrides(specs_lib.get_spec(model_cfg.name), **(model_cfg.overrides or {}))
+    info = exp.task.dataset_info()
     heads = pytorch_import.assign(
         exp.model.network, spec, source, f"{model_cfg.name} ({model_cfg.mode}) with {info.num_classes} classes"
     )
-    parent = os.path.dirname(model_dir)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.import-", dir=parent)
+    # Written whole beside model_dir, then renamed onto it; a kill leaves a
+    # staging folder that the next import (or export) here removes.
+    export_lib.remove_stale_staging(parent)
+    staging = os.path.join(parent, export_lib.staging_name())
+    os.mkdir(staging)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would become the run directory's mode
         staged = lambda name: model_dir_lib.path(staging, name)  # noqa: E731
         model_dir_lib.write_json_atomically(staged(model_dir_lib.CONFIG_FILE), exp.config_json)
         with open(staged(model_dir_lib.OPERATIVE_GIN_FILE), "w") as f:

@@ -18,7 +18,7 @@ def test_pytorch_missing_says_which_extra(tmp_path, monkeypatch):
     checkpoint = tmp_path / "r32.pth"
     checkpoint.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(errors.CheckpointImportError, match=r"pip install 'dhm-keras\[torch\]'"):
+    with pytest.raises(errors.CheckpointImportError, match=r"download.pytorch.org/whl/cpu .*'.\[torch\]'"):
         pytorch_import.read_checkpoint(str(checkpoint))
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,10 +46,17 @@ def reference_normalised(images_uint8):
 @pytest.mark.parametrize("arch", ["resnet32", "densenet_40_12", "resnet50"])
 def test_export_of_main_branch_checkpoint_serves_reference_logits(tmp_path, arch):
     """A checkpoint of the backbone and `fc` only imports into B0 (baseline)
-    and serves B0's logits on uint8 images, normalisation included."""
+    and serves B0's logits on uint8 images, normalisation included. The
+    staging folder a killed import left beside the model directory goes."""
+    from official.core import export as export_lib
+
     model = reference_model(arch, seed=3)
     checkpoint = save_reference(model, tmp_path / "main.pth", wrapped=True, state=reference.main_branch_state_dict(model))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / export_lib.staging_name().replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-", 1)
+    (leftover / "checkpoints").mkdir(parents=True)
     proc = run_cli(tmp_path, arch, tmp_path / "run", checkpoint, mode="baseline")
+    assert not leftover.exists()
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["imported"]["heads"] == ["b0"]
     size = input_size(arch)
@@ -137,7 +147,7 @@ def assert_untouched(model_dir, tmp_path, existed=False):
         assert os.listdir(model_dir) == []
     else:
         assert not model_dir.exists()
-    assert not [p for p in os.listdir(model_dir.parent) if ".import-" in p], "staging directory left behind"
+    assert not [p for p in os.listdir(model_dir.parent) if p.startswith(".staging-")], "staging directory left behind"
 
 
 def test_main_branch_checkpoint_into_dhm_names_missing_heads(tmp_path):
@@ -234,3 +244,52 @@ def test_failure_after_conversion_leaves_no_trace(tmp_path, monkeypatch):
         assert_untouched(model_dir, tmp_path)
     finally:
         gin.clear_config()
+
+
+def test_model_dir_that_is_a_file_or_an_architecture_without_reference_fails_first(tmp_path):
+    checkpoint = save_reference(reference_model("resnet18"), tmp_path / "r18.pth", wrapped=False)
+    a_file = tmp_path / "run"
+    a_file.write_text("x")
+    line = one_line_error(run_cli(tmp_path, "resnet18", a_file, checkpoint, check=False))
+    assert "is a file" in line
+    gin = gin_text("resnet18") + "model.overrides = {'branches': ('b1', 'b2', 'b3')}\n"
+    line = one_line_error(run_cli(tmp_path, "resnet18", tmp_path / "b3", checkpoint, check=False, gin=gin))
+    assert "defines no resnet18 with branch b3" in line
+    assert_untouched(tmp_path / "b3", tmp_path)
+
+
+def read(tmp_path, state, name="x.pth"):
+    from dhm_keras import pytorch_import
+
+    torch.save(state, tmp_path / name)
+    return pytorch_import.read_checkpoint(str(tmp_path / name))
+
+
+def test_tensors_that_cannot_be_weights_are_refused(tmp_path):
+    from dhm_keras import errors
+
+    fine = {"fc.weight": torch.ones(2, 3), "fc.bias": torch.zeros(2, dtype=torch.float16)}
+    assert read(tmp_path, fine).tensors["fc.bias"].dtype == np.float32
+    cases = {
+        "twice": ({"fc.weight": torch.ones(2, 3), "module.fc.weight": torch.zeros(2, 3)}, "'fc.weight' twice"),
+        "nan": ({"fc.weight": torch.tensor([[1.0, float("nan")]])}, "NaN or infinite values (1 of 2)"),
+        "sparse": ({"fc.weight": torch.eye(3).to_sparse()}, "sparse_coo layout"),
+        "complex": ({"fc.weight": torch.ones(2, dtype=torch.complex64)}, "complex64"),
+    }
+    for name, (state, message) in cases.items():
+        with pytest.raises(errors.CheckpointImportError, match=re.escape(message)):
+            read(tmp_path, state, f"{name}.pth")
+
+
+class NotATensor:
+    pass
+
+
+def test_pickled_objects_are_not_loaded_and_the_message_says_why(tmp_path):
+    from dhm_keras import errors
+
+    with pytest.raises(errors.CheckpointImportError) as raised:
+        read(tmp_path, {"state_dict": {"fc.weight": torch.ones(1)}, "extra": NotATensor()})
+    message = str(raised.value)
+    assert "holds Python objects besides tensors" in message and "NotATensor" in message
+    assert "weights_only" not in message and "\x1b[" not in message

@@ -94,6 +94,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -169,6 +170,18 @@ def _searched_dirs(data_dir: Optional[str]) -> str:
     return f"{tfds.core.constants.DATA_DIR} (TFDS default; TFDS_DATA_DIR unset)"
 
 
+@contextlib.contextmanager
+def _tfds_quiet(quiet: bool):
+    """absl at ERROR while TFDS looks for a dataset that may not be there."""
+    level = logging.get_verbosity()
+    if quiet:
+        logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def _not_found(name: str, data_dir: Optional[str], why: str) -> DatasetNotFoundError:
     return DatasetNotFoundError(
         f"TFDS dataset {name!r} is not prepared in data_dir "
@@ -179,14 +192,19 @@ def _not_found(name: str, data_dir: Optional[str], why: str) -> DatasetNotFoundE
     )
 
 
-def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
-    """A builder for an already prepared dataset, or DatasetNotFoundError."""
+def _builder(name: str, data_dir: Optional[str], require_prepared: bool = True) -> tfds.core.DatasetBuilder:
+    """A builder for an already prepared dataset, or DatasetNotFoundError;
+    without `require_prepared`, also TFDS's builder of a registered dataset
+    that is not prepared (its metadata only)."""
     data_dir = _resolve_data_dir(data_dir)
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with _tfds_quiet(not require_prepared):  # "no dataset_info.json" is the expected case then
+            builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         # Neither a registered builder nor prepared files under data_dir.
         raise _not_found(name, data_dir, "no such builder or files") from e
+    if not require_prepared:
+        return builder
     if not builder.is_prepared():
         # Registered datasets (cifar100, ...) get a builder from code even
         # when nothing is on disk. Ask `as_dataset` itself: it fails on a
@@ -229,15 +247,7 @@ def dataset_info(name: str, data_dir: Optional[str] = None, require_prepared: bo
     own code and it has no splits. For work that reads no record, such as
     converting a checkpoint to serve ImageNet classes without ImageNet.
     """
-    try:
-        builder = _builder(name, data_dir)
-    except DatasetNotFoundError:
-        if require_prepared:
-            raise
-        try:
-            builder = tfds.builder(name, data_dir=_resolve_data_dir(data_dir))
-        except tfds.core.registered.DatasetNotFoundError:
-            raise _not_found(name, data_dir, "no such builder or files") from None
+    builder = _builder(name, data_dir, require_prepared)
     shape, num_classes = _check_features(builder)
     split_dict = builder.info.splits
     return DatasetInfo(

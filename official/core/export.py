@@ -114,6 +114,13 @@ def _host() -> str:
 _STAGING = re.compile(r"\.staging-(\d+)-[0-9a-f]{8}(?:-(.+))?")
 
 
+def staging_name() -> str:
+    """A hidden folder name for writing something whole before renaming it into
+    place: `.staging-<pid>-<8 hex>-<host>`, which `remove_stale_staging` removes
+    once its process is gone (a kill can skip any cleanup)."""
+    return f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
+
+
 def _process_alive(pid: int) -> bool:
     """Whether `pid` is a process on this host; True when it cannot tell."""
     try:
@@ -126,7 +133,7 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_staging(export_dir: str) -> list:
-    """Removes staging folders left by exports that were killed; returns their paths.
+    """Removes staging folders (`staging_name`) left by killed writers; returns their paths.
 
     A folder is stale when it names this host (or no host: older exports) and
     its process is gone. Folders of live processes are exports in progress
@@ -333,7 +340,7 @@ def _write(model, table, classify, export_dir, shape, version, decode, extra_fil
     )
     tf.io.gfile.makedirs(export_dir)
     remove_stale_staging(export_dir)
-    staging = os.path.join(export_dir, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}")
+    staging = os.path.join(export_dir, staging_name())
     try:
         archive.write_out(staging, verbose=False)
         for name, text in (extra_files or {}).items():
