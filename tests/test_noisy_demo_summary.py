@@ -33,3 +33,14 @@ def test_table_gives_mean_and_range_over_seeds(tmp_path):
     # epoch 4: 30 and 40; train top-1 at the last epoch: 80 and 40.
     assert rows["DHM"] == "| DHM | 2 | 47.5 (45.0-50.0) (epochs 8, 8) | 47.5 (45.0-50.0) | 35.0 (30.0-40.0) | 47.5 (45.0-50.0) | 60.0 (40.0-80.0) |"
     assert rows["baseline"] == "| baseline | 1 | 20.0 (epoch 4) | 10.0 | 20.0 | 10.0 | 80.0 |"
+
+
+def test_seeds_evaluated_at_other_epochs_give_a_dash_not_a_crash(tmp_path):
+    write_run(tmp_path, "dsl_s0", {4: 0.30, 8: 0.50}, [0.5] * 8)
+    write_run(tmp_path, "dsl_s1", {6: 0.40}, [0.5] * 6)
+    write_run(tmp_path, "dhm_s0", {}, [0.5] * 2)  # never evaluated
+    out = subprocess.run([sys.executable, "tools/noisy_demo_summary.py", str(tmp_path)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()[2:]}
+    assert rows["DSL"] == "| DSL | 2 | 45.0 (40.0-50.0) (epochs 8, 6) | 45.0 (40.0-50.0) | - | - | 50.0 (50.0-50.0) |"
+    assert rows["DHM"].startswith("| DHM | 1 | - ")

@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 MODES = (("baseline", "baseline"), ("dsl", "DSL"), ("dhm", "DHM"))
 EARLY_EPOCHS = (4, 8)
@@ -43,25 +43,26 @@ def per_epoch(results: dict, section: str) -> Dict[int, float]:
     }
 
 
-def spread(values: List[float], digits: int = 1) -> str:
-    """'mean (min-max)', or the value alone for one seed."""
+def spread(values: List[Optional[float]], digits: int = 1) -> str:
+    """'mean (min-max)', the value alone for one seed, '-' where a seed lacks it."""
+    if not values or any(v is None for v in values):
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def row(label: str, runs: List[dict]) -> str:
-    tests = [per_epoch(r, "eval") for r in runs]
-    trains = [per_epoch(r, "train") for r in runs]
-    best = [max(t.values()) for t in tests]
-    best_epochs = ", ".join(str(max(t, key=t.get)) for t in tests)
-    last_epoch = max(tests[0])
+    tests = [per_epoch(r, "eval") or {0: None} for r in runs]  # {0: None}: never evaluated
+    trains = [per_epoch(r, "train") or {0: None} for r in runs]
+    best = [max((v for v in t.values() if v is not None), default=None) for t in tests]
+    best_epochs = ", ".join(str(max(t, key=lambda e: t[e] or 0)) for t in tests)
     cells = [
         label,
         str(len(runs)),
         f"{spread(best)} (epoch{'s' if len(runs) > 1 else ''} {best_epochs})",
-        spread([t[last_epoch] for t in tests]),
-        *(spread([t[e] for t in tests]) for e in EARLY_EPOCHS),
+        spread([t[max(t)] for t in tests]),  # each seed's last evaluated epoch
+        *(spread([t.get(e) for t in tests]) for e in EARLY_EPOCHS),
         spread([t[max(t)] for t in trains]),
     ]
     return "| " + " | ".join(cells) + " |"

@@ -66,8 +66,10 @@ class Task(abc.ABC):
     def without_records(self) -> "Task":
         """This task for work that needs the dataset's metadata (class count,
         names, normalisation) but reads no record: converting a foreign
-        checkpoint for serving. Default: the task itself, i.e. the data must be
-        there; a task whose metadata exists without its data overrides it."""
+        checkpoint for serving. The runner then opens no data and checks no
+        record file; `dataset_info` must still answer. Default: the task
+        itself, whose `dataset_info` may need the prepared dataset; a task
+        whose metadata exists without the data overrides this."""
         return self
 
     # -- data -----------------------------------------------------------------
