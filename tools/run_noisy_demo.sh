@@ -7,11 +7,11 @@
 # results table over all seeds, and the README's table (summary.md,
 # tools/noisy_demo_summary.py). Re-running resumes unfinished runs and skips
 # finished ones (the trainer's own resume).
-# Usage: tools/run_noisy_demo.sh [DATA_DIR] [OUT_DIR] [SEEDS]   (SEEDS: "0 1")
+# Usage: tools/run_noisy_demo.sh [DATA_DIR] [OUT_DIR] [SEEDS]   (SEEDS: "0 1 2")
 set -euo pipefail
 DATA_DIR=${1:-../shared/tensorflow_datasets}
 OUT=${2:-runs/noisy5k}
-SEEDS=${3:-0 1}
+SEEDS=${3:-0 1 2}
 PY=${PYTHON:-.venv/bin/python}
 MODES="baseline dsl dhm"
 mkdir -p "$OUT"
