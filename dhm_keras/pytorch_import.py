@@ -190,6 +190,11 @@ def _why_unreadable(error: BaseException) -> str:
             "can run code when loaded, so it is not read. Save model.state_dict() (or the reference's "
             "save_checkpoint dict) and import that"
         )
+    unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if unpickler:  # the reason, without torch's advice to load unsafely around it
+        text = unpickler.group(1)
+    else:
+        text = text.split(". ")[0] or ("the file is empty" if isinstance(error, EOFError) else type(error).__name__)
     return (
         f"is not a PyTorch checkpoint, or a damaged one ({text[:160]}); --mode=import reads the "
         ".pth/.pth.tar files of the reference code (torch.save of a state_dict, or of a dict "

@@ -203,7 +203,8 @@ def test_file_that_is_not_a_pytorch_checkpoint(tmp_path):
     bogus.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(256))
     model_dir = tmp_path / "run"
     line = one_line_error(run_cli(tmp_path, "resnet32", model_dir, bogus, check=False))
-    assert "is not a PyTorch checkpoint" in line
+    assert "is not a PyTorch checkpoint, or a damaged one (Unsupported operand" in line
+    assert "weights_only" not in line  # torch's own advice is to load it unsafely
     assert_untouched(model_dir, tmp_path)
 
 
@@ -293,3 +294,16 @@ def test_pickled_objects_are_not_loaded_and_the_message_says_why(tmp_path):
     message = str(raised.value)
     assert "holds Python objects besides tensors" in message and "NotATensor" in message
     assert "weights_only" not in message and "\x1b[" not in message
+
+
+def test_damaged_and_empty_files_are_named_as_such(tmp_path):
+    from dhm_keras import errors, pytorch_import
+
+    torch.save({"fc.weight": torch.ones(100)}, tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "half.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, why in (("half.pth", "PytorchStreamReader failed reading zip archive"), ("empty.pth", "the file is empty")):
+        with pytest.raises(errors.CheckpointImportError, match=f"damaged one \\({why}") as raised:
+            pytorch_import.read_checkpoint(str(tmp_path / name))
+        assert "weights_only" not in str(raised.value)
