@@ -252,9 +252,9 @@ def export_image_classifier(
         table = _class_name_table(class_names, num_classes, names_dir) if class_names else None
         keys = ("logits", "probabilities", "classes", "scores") + (("class_names",) if table is not None else ())
 
-        # One traced graph of the network that all three signatures call:
-        # tracing it once per signature tripled the export time of deep
-        # networks (ResNet-1202's B0 took minutes per trace on 2 CPU cores).
+        # One traced graph of the network that all three signatures call
+        # (each signature used to trace the whole network again, which is
+        # slow for deep ones such as ResNet-1202's B0).
         @tf.function(input_signature=[tf.TensorSpec([None, height, width, channels], tf.float32)], autograph=False)
         def network_logits(pixels: tf.Tensor) -> tf.Tensor:
             return tf.cast(model(preprocess(pixels), training=False), tf.float32)
