@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import gin
@@ -395,7 +394,7 @@ def import_checkpoint(
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise errors.ModelDirWriteError(f"cannot create --model_dir {model_dir}: {parent} is a file")
     model_cfg = config.model
-    spec = specs_lib.with_overrides(specs_lib.get_spec(model_cfg.name), **(model_cfg.overrides or {}))
+    spec = specs_lib.resolve(model_cfg.name, **(model_cfg.overrides or {}))
     pytorch_import.naming_for(spec)  # a network the reference never defined fails first
     source = pytorch_import.read_checkpoint(checkpoint)  # before anything is built or written
     exp = build_experiment(config, training=False, reads_records=False)

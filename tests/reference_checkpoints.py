@@ -19,8 +19,6 @@ from conftest import REPO_ROOT
 # The reference cifar.py normalises CIFAR-10 and CIFAR-100 with these values.
 REFERENCE_MEAN = (0.49139968, 0.48215827, 0.44653124)
 REFERENCE_STD = (0.24703233, 0.24348505, 0.26158768)
-CIFAR = {"resnet32", "resnet110", "resnet1202", "wrn_16_8", "wrn_28_10",
-         "densenet_40_12", "densenet_100_12", "densenet_bc_100_12"}
 IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
 IMAGENET_TEST_SIZE = 64  # the ImageNet ResNets at 64x64: their final feature map is 2x2
 NUM_CLASSES = 10  # the quick-start sample is CIFAR-10

@@ -97,12 +97,13 @@ def _reference_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# --------------------------------------------------------------------------- CIFAR ResNet
+# --------------------------------------------------------------------------- ResNet basic block, CIFAR ResNet
 
 
-class CifarBasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU. With `downsample` (2x2 average
-    pooling) the shortcut is the pooled input followed by zero channels up to the width."""
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU: the basic block of both reference
+    ResNets, which differ only in the shortcut (`shortcut`). As torchvision's (ImageNet),
+    the shortcut is `downsample(x)` (conv1x1 + BN) where the shape changes, else x."""
 
     expansion = 1
     branch_end = "conv2"  # last conv of the residual branch (see randomize_)
@@ -117,17 +118,26 @@ class CifarBasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
+    def shortcut(self, x, out):
+        return x if self.downsample is None else self.downsample(x)
+
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.downsample is not None:
-            batch, c_out, h, w = out.shape
-            shortcut = self.downsample(x)
-            # Departure 1: zeros on x's device/dtype (the reference calls .cuda()).
-            zeros = x.new_zeros(batch, c_out - x.shape[1], h, w)
-            shortcut = torch.cat([shortcut, zeros], dim=1)
-        return self.relu(out + shortcut)
+        return self.relu(out + self.shortcut(x, out))
+
+
+class CifarBasicBlock(BasicBlock):
+    """The CIFAR reference's basic block. With `downsample` (2x2 average pooling) the
+    shortcut is the pooled input followed by zero channels up to the width."""
+
+    def shortcut(self, x, out):
+        if self.downsample is None:
+            return x
+        batch, c_out, h, w = out.shape
+        # Departure 1: zeros on x's device/dtype (the reference calls .cuda()).
+        zeros = x.new_zeros(batch, c_out - x.shape[1], h, w)
+        return torch.cat([self.downsample(x), zeros], dim=1)
 
 
 class CifarResNet(nn.Module):
@@ -426,29 +436,6 @@ class DenseNet(nn.Module):
 # --------------------------------------------------------------------------- ImageNet ResNet
 
 
-class ImageNetBasicBlock(nn.Module):
-    """torchvision BasicBlock: conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU."""
-
-    expansion = 1
-    branch_end = "conv2"
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None):
-        super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU()
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
-
-
 class ImageNetBottleneck(nn.Module):
     """torchvision v1.5 Bottleneck: 1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1(4x)-BN, + shortcut, ReLU."""
 
@@ -542,8 +529,8 @@ _CONSTRUCTORS = {
     "densenet_40_12": lambda **kw: DenseNet(DenseBasicLayer, 40, [[12, 6], [12]], 12, 1.0, **kw),
     "densenet_100_12": lambda **kw: DenseNet(DenseBasicLayer, 100, [[16, 16], [32]], 12, 1.0, **kw),
     "densenet_bc_100_12": lambda **kw: DenseNet(DenseBottleneckLayer, 100, [[16, 16], [32]], 12, 0.5, **kw),
-    "resnet18": lambda **kw: ImageNetResNet(ImageNetBasicBlock, [2, 2, 2, 2], [[1, 2], [2]], **kw),
-    "resnet34": lambda **kw: ImageNetResNet(ImageNetBasicBlock, [3, 4, 6, 3], [[3, 2], [3]], **kw),
+    "resnet18": lambda **kw: ImageNetResNet(BasicBlock, [2, 2, 2, 2], [[1, 2], [2]], **kw),
+    "resnet34": lambda **kw: ImageNetResNet(BasicBlock, [3, 4, 6, 3], [[3, 2], [3]], **kw),
     "resnet50": lambda **kw: ImageNetResNet(ImageNetBottleneck, [3, 4, 6, 3], [[3, 2], [3]], **kw),
     "resnet101": lambda **kw: ImageNetResNet(ImageNetBottleneck, [3, 4, 23, 3], [[12, 2], [3]], **kw),
     "resnet152": lambda **kw: ImageNetResNet(ImageNetBottleneck, [3, 8, 36, 3], [[18, 2], [3]], **kw),

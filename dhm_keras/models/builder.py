@@ -114,7 +114,7 @@ def build(
         the reference).
     """
     _check_mode(mode)
-    spec = specs_lib.with_overrides(specs_lib.get_spec(name), **overrides)
+    spec = specs_lib.resolve(name, **overrides)
     if sync_batchnorm is None:
         return build_from_spec(spec, num_classes, mode=mode, input_shape=input_shape)
     with layers_lib.synchronized_batch_norm(sync_batchnorm):

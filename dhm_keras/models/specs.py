@@ -352,6 +352,13 @@ def get_spec(name: str) -> ArchSpec:
         ) from None
 
 
+def resolve(name: str, **overrides) -> ArchSpec:
+    """The spec that `build(name, ..., **overrides)` builds: one owner for what a
+    configuration's network is, for the builder and for code that must agree
+    with it layer for layer (the checkpoint importer)."""
+    return with_overrides(get_spec(name), **overrides)
+
+
 # ----------------------------------------------------------------------------- overrides
 
 # Override keys that are not ArchSpec fields, with their meaning.
